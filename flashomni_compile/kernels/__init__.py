@@ -1,0 +1,1 @@
+"""Triton kernels, their torch reference twins, and the torch.library ops (``ops.py``)."""
