@@ -1,0 +1,61 @@
+"""``SiteSpec``: what the compile-time pass knows about one attention site, handed to the runtime.
+
+Specs are registered at compile time (``register_site``) and referred to from the graph by their
+integer index, because op arguments must be plain ints/floats/strs/tensors.
+
+Shape legend: ``B`` batch, ``H`` heads, ``D`` head dim, ``N`` joint sequence length (text + image
+tokens in the order the model concatenates them), ``T`` text tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = ["SiteSpec", "register_site", "get_site", "all_sites"]
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Static description of one attention site.
+
+    Attributes:
+        name: stable, readable name (module path from ``nn_module_stack`` when known, else ``site<k>``).
+        kind: ``"self"`` | ``"joint"`` (text + image in one sequence) | ``"single"`` (Flux-style
+            single-stream block, output projection over ``cat(attn, mlp)``) | ``"cross"``.
+        heads, head_dim: ``H`` and ``D``.
+        seq_q, seq_kv: ``Nq`` and ``Nkv`` as traced (static shapes).
+        text_len: ``T``, the text tokens inside the joint sequence (0 when none).
+        text_first: whether the text tokens come first in the joint sequence (Flux, SD3) or last
+            (HunyuanVideo); ignored when ``text_len == 0``.
+        grid: the token grid ``(frames, height, width)`` of the image/video tokens when known.
+        pieces: which pieces were fused: a subset of ``("gemm_q", "attention", "gemm_o")``.
+    """
+
+    name: str
+    kind: str
+    heads: int
+    head_dim: int
+    seq_q: int
+    seq_kv: int
+    text_len: int = 0
+    text_first: bool = True
+    grid: Optional[tuple[int, int, int]] = None
+    pieces: tuple[str, ...] = field(default=("attention",))
+
+
+_SITES: list[SiteSpec] = []
+
+
+def register_site(spec: SiteSpec) -> int:
+    """Register a spec and return the index the graph passes to the ``site_*`` ops."""
+    _SITES.append(spec)
+    return len(_SITES) - 1
+
+
+def get_site(index: int) -> SiteSpec:
+    return _SITES[index]
+
+
+def all_sites() -> list[SiteSpec]:
+    return list(_SITES)
