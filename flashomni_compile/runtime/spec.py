@@ -10,7 +10,7 @@ tokens in the order the model concatenates them), ``T`` text tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = ["SiteSpec", "register_site", "get_site", "all_sites"]
 
@@ -30,6 +30,9 @@ class SiteSpec:
             (HunyuanVideo); ignored when ``text_len == 0``.
         grid: the token grid ``(frames, height, width)`` of the image/video tokens when known.
         pieces: which pieces were fused: a subset of ``("gemm_q", "attention", "gemm_o")``.
+        options: the run-time options of the compile call that found the site (policy, schedule,
+            feature-cache order, symbol hook, ...): a ``runtime.options.RuntimeOptions`` or ``None``
+            (dense).
     """
 
     name: str
@@ -42,6 +45,7 @@ class SiteSpec:
     text_first: bool = True
     grid: Optional[tuple[int, int, int]] = None
     pieces: tuple[str, ...] = field(default=("attention",))
+    options: Any = field(default=None, compare=False)
 
 
 _SITES: list[SiteSpec] = []
