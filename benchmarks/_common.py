@@ -1,0 +1,101 @@
+"""Helpers shared by the ``bench_*.py`` scripts: run header, timing, correctness check, table, JSON.
+
+Every result file has the shape ``{"header": header(), "records": [...]}``; :func:`write_results` writes
+it to the path the script names and, when the environment variable ``OUT`` is set (the lent GPU
+machine), to ``$OUT/<same file name>`` too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_sha() -> str:
+    """``HEAD``'s sha, with ``-dirty`` when tracked files differ from it (``unknown`` outside git)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def header(command: Optional[str] = None) -> dict:
+    """Where and how the numbers were taken: device, versions, git sha, command line, UTC date."""
+    import triton
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+        cap = torch.cuda.get_device_capability()
+        device += f" (sm_{cap[0]}{cap[1]}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs)"
+    else:
+        device = "cpu"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "command": command or " ".join(shlex.quote(a) for a in ["python"] + sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+    }
+
+
+def bench_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 300) -> float:
+    """Median milliseconds of ``fn()`` (``triton.testing.do_bench``: CUDA events, L2 flushed between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; ``inf`` if ``out`` holds NaN/inf."""
+    out64, ref64 = out.double(), ref.double()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """Fixed-width text table of ``rows`` (dicts) over ``columns``; floats get 3 significant digits."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_results(path: str | os.PathLike, head: dict, records: Iterable[dict]) -> list[Path]:
+    """Write ``{"header", "records"}`` JSON to ``path`` (relative paths: from the repo root) and to
+    ``$OUT/<name>`` when ``OUT`` is set. Returns the paths written."""
+    payload = json.dumps({"header": head, "records": list(records)}, indent=1)
+    path = Path(path)
+    targets = [path if path.is_absolute() else REPO / path]
+    if os.environ.get("OUT"):
+        targets.append(Path(os.environ["OUT"]) / path.name)
+    for t in targets:
+        t.parent.mkdir(parents=True, exist_ok=True)
+        t.write_text(payload + "\n")
+    return targets
