@@ -191,3 +191,56 @@ def sparse_linear_o(a: Tensor, weight: Tensor, c: Tensor, q_keep: Tensor, *, hea
     gemm_o.check_inputs(a, weight, c, q_keep, extra, extra_weight, head_dim, row_offset, block_q)
     return sparse_linear_o_op(a, weight, c, q_keep, extra, extra_weight, head_dim, row_offset, block_q)
 
+
+
+# ===================================================================================================
+# Site ops: what the ``flashomni`` backend puts in the graph (passes/rewrite.py). Owned by the backend.
+#
+# Each takes the index of a registered ``runtime.spec.SiteSpec`` (``site``) and an *anchor*, a weight
+# tensor of the site that differs per layer at run time, and forwards to ``runtime.engine``, which is
+# looked up at call time (tests and the runtime may swap its functions). Outputs are fresh tensors.
+# ===================================================================================================
+@torch.library.custom_op("flashomni::site_attention", mutates_args=())
+def site_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], site: int,
+                   anchor: Tensor, scale: float) -> Tensor:
+    """Attention of site ``site``: ``q [B, H, Nq, D]``, ``k, v [B, H, Nkv, D]``, ``key_padding_mask``
+    bool ``[B, Nkv]`` (``False`` masks the key). Returns ``[B, H, Nq, D]`` in memory order ``[B, Nq, H, D]``."""
+    from ..runtime import engine
+
+    return engine.attention(site, anchor, q, k, v, key_padding_mask, scale)
+
+
+@site_attention.register_fake
+def _(q, k, v, key_padding_mask, site, anchor, scale):
+    B, H, Nq, _ = q.shape
+    return q.new_empty(B, Nq, H, v.shape[-1]).transpose(1, 2)
+
+
+@torch.library.custom_op("flashomni::site_linear_q", mutates_args=())
+def site_linear_q(x: Tensor, weight: Tensor, bias: Optional[Tensor], site: int, anchor: Tensor,
+                  row_offset: int, sparse_cols: int) -> Tensor:
+    """Q (or fused QKV) projection of site ``site``: ``x [B, M, K]`` holds rows ``row_offset ...`` of the
+    joint sequence; the first ``sparse_cols`` output columns are Q (head ``h`` at ``h*D ... (h+1)*D``)."""
+    from ..runtime import engine
+
+    return engine.linear_q(site, anchor, x, weight, bias, row_offset, sparse_cols)
+
+
+@site_linear_q.register_fake
+def _(x, weight, bias, site, anchor, row_offset, sparse_cols):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("flashomni::site_linear_o", mutates_args=())
+def site_linear_o(a: Tensor, weight: Tensor, bias: Optional[Tensor], extra: Optional[Tensor],
+                  extra_weight: Optional[Tensor], site: int, anchor: Tensor, row_offset: int) -> Tensor:
+    """Output projection of site ``site``: ``y = a @ weight.T + bias (+ extra @ extra_weight.T)`` with
+    ``a [B, M, H*D]`` rows ``row_offset ...`` of the joint sequence (head ``h`` at columns ``h*D ...``)."""
+    from ..runtime import engine
+
+    return engine.linear_o(site, anchor, a, weight, bias, row_offset, extra, extra_weight)
+
+
+@site_linear_o.register_fake
+def _(a, weight, bias, extra, extra_weight, site, anchor, row_offset):
+    return a.new_empty(*a.shape[:-1], weight.shape[0])
