@@ -4,24 +4,341 @@
         computed for n >= sparse_cols (dense columns: the K/V part of a fused QKV weight), and for
         n < sparse_cols only where q_keep[b, n // head_dim, (row_offset + m) // block_q] is True;
         every other element is 0.
+
+The zeros are the defined value of a non-computed tile (the attention kernel never reads those rows of
+Q, but a functional op must not return uninitialised memory). Writing them costs one pass of stores
+over the skipped part of ``y`` and nothing else: a skipped tile reads neither ``x`` nor ``weight``.
+
+Notation (shared with ``gemm_o.py``)::
+
+    B batch          M rows of this call (e.g. only the image tokens of an MM-DiT)
+    K reduction      N output columns          D head_dim        BQ block_q (q-block of the symbols)
+    BLOCK_M x BLOCK_N  output tile             BLOCK_K  reduction step
+    GROUP_M          row tiles that sweep the column tiles together (L2 reuse, Triton tutorial 03)
+    EVEN_K           constexpr: K % BLOCK_K == 0, no mask on the reduction axis
+    USE_TMA          constexpr: operands arrive as Hopper tensor descriptors (bulk copies, zero-filled
+                     out of bounds) instead of masked pointer loads; the output is always stored
+                     through masked pointers
+
+Row tiles are aligned to the *joint* sequence, not to this call's rows: tile ``t`` covers the joint
+rows ``[t * BLOCK_M, (t + 1) * BLOCK_M)`` and ``BLOCK_M`` divides ``BQ`` (both powers of two, the
+launcher takes ``BLOCK_M <= BQ``), so a tile lies in exactly one q-block even when ``row_offset`` is not
+a multiple of ``BQ``; the first and last tiles of a call may be partial (masked rows). Column tiles may
+hold several heads (D=64) or parts of heads (D=72): the keep flag is gathered per column, and a tile is
+computed when any of its columns is kept, with the others zeroed.
+
+This file holds the Triton kernel, its launcher ``sparse_linear_q_triton``, the torch twin
+``sparse_linear_q_ref`` and the argument checks ``check_inputs`` (used by ``ops.sparse_linear_q``).
+The helpers marked "shared" are imported by ``gemm_o.py``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import NamedTuple, Optional
 
+import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-def check_inputs(x, weight, bias, q_keep, head_dim, row_offset, block_q, sparse_cols) -> None:
-    raise NotImplementedError
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def grouped_tile(pid, num_tiles_m, num_tiles_n, GROUP_M: tl.constexpr):
+    """(shared) Program id -> (row tile, column tile), GROUP_M row tiles at a time (tutorial 03)."""
+    in_group = GROUP_M * num_tiles_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = min(num_tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % in_group) % size_m
+    tile_n = (pid % in_group) // size_m
+    return tile_m, tile_n
+
+
+@triton.jit
+def mma(a, b, acc, DOT_F32: tl.constexpr):
+    """(shared) ``acc + a @ b``. DOT_F32 (interpreter + bfloat16 only) upcasts the operands first: the
+    triton 3.9 interpreter's dot multiplies the raw bf16 bit patterns (seen: results ~1e10)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def dense_k_loop(acc, X, W, b, m0, n0, M, K, row_ok, col_ok, stride_xb, stride_xm, stride_xk, stride_wn, stride_wk,
+                 EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """(shared) ``acc + X[b, m0:m0+BLOCK_M, :K] @ W[n0:n0+BLOCK_N, :K]^T``. Rows outside ``row_ok`` and
+    columns outside ``col_ok`` may hold anything on return: the caller never stores them."""
+    offs_k = tl.arange(0, BLOCK_K)
+    if USE_TMA:
+        # X is a descriptor over x viewed as [B*M, K]: rows of a partial tile outside [0, M) read
+        # zeros or a neighbouring batch's rows, and are never stored. Columns past K read zeros.
+        row = (b * M + m0).to(tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            x = X.load([row, k0])
+            w = W.load([n0, k0])
+            acc = mma(x, w.T, acc, DOT_F32)
+    else:
+        # The tile's base row as one int64 scalar; the per-element offsets stay small int32.
+        X_tile = X + b * stride_xb + m0.to(tl.int64) * stride_xm
+        W_tile = W + n0.to(tl.int64) * stride_wn
+        x_ptrs = X_tile + tl.arange(0, BLOCK_M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = W_tile + tl.arange(0, BLOCK_N)[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = offs_k < K - k0
+                x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = mma(x, w, acc, DOT_F32)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _gemm_q_kernel(X, W, BIAS, Y, KEEP,
+                   M, N, K, SPARSE_COLS, ROW_OFFSET, FIRST_TILE, NUM_TILES_M,
+                   stride_xb, stride_xm, stride_xk, stride_wn, stride_wk,
+                   stride_yb, stride_ym, stride_yn, stride_kb, stride_kh, stride_kq,
+                   HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   DOT_F32: tl.constexpr):
+    tile_m, tile_n = grouped_tile(tl.program_id(0), NUM_TILES_M, tl.cdiv(N, BLOCK_N), GROUP_M)
+    b = tl.program_id(1).to(tl.int64)
+    joint_m0 = (FIRST_TILE + tile_m) * BLOCK_M      # first joint-sequence row of the tile
+    qb = joint_m0 // BLOCK_Q                        # its one q-block (BLOCK_M divides BLOCK_Q)
+    m0 = joint_m0 - ROW_OFFSET                      # first local row; < 0 in a partial first tile
+    n0 = tile_n * BLOCK_N
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    row_ok = (offs_m >= 0) & (offs_m < M)
+    col_ok = offs_n < N
+
+    # Per-column keep flag: sparse columns follow their head's symbol, dense columns are always kept.
+    sparse = offs_n < SPARSE_COLS
+    kv = tl.load(KEEP + b * stride_kb + (offs_n // HEAD_DIM) * stride_kh + qb * stride_kq, mask=sparse, other=0)
+    col_keep = tl.where(sparse, kv != 0, col_ok)
+    active = tl.max(col_keep.to(tl.int32), axis=0) > 0
+
+    if active:
+        acc = dense_k_loop(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), X, W, b, m0, n0, M, K, row_ok, col_ok,
+                           stride_xb, stride_xm, stride_xk, stride_wn, stride_wk,
+                           EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        # Columns of skipped heads inside a computed tile (several heads per tile) are zeroed too.
+        acc = tl.where(col_keep[None, :], acc, 0.0)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    Y_tile = Y + b * stride_yb + m0.to(tl.int64) * stride_ym
+    y_ptrs = Y_tile + tl.arange(0, BLOCK_M)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch settings (shared)
+# ---------------------------------------------------------------------------------------------------
+class Config(NamedTuple):
+    """(shared) One launch setting. ``block_k`` is for 2-byte dtypes; 4-byte dtypes take half."""
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    tma: bool
+
+
+# Per (arch, kernel). H100 numbers: benchmarks/NOTES.md, GEMM section. "cpu" is the interpreter
+# (tests): small tiles so that several tiles, partial tiles and straddling heads occur at tiny sizes.
+CONFIGS = {
+    ("sm90", "q"): Config(128, 128, 64, 8, 8, 3, True),
+    ("sm90", "o"): Config(128, 128, 64, 8, 8, 3, True),
+    ("cuda", "q"): Config(128, 128, 32, 8, 4, 3, False),
+    ("cuda", "o"): Config(128, 128, 32, 8, 4, 3, False),
+    ("cpu", "q"): Config(32, 32, 32, 2, 4, 1, False),
+    ("cpu", "o"): Config(32, 32, 32, 2, 4, 1, False),
+}
+
+
+def pick_config(t: Tensor, kernel: str) -> Config:
+    """(shared) The table's setting for ``t``'s device (``kernel``: ``"q"`` or ``"o"``)."""
+    if t.is_cuda:
+        major, _ = torch.cuda.get_device_capability(t.device)
+        return CONFIGS[("sm90" if major == 9 else "cuda", kernel)]
+    return CONFIGS[("cpu", kernel)]
+
+
+def as_rows(t: Tensor) -> Optional[Tensor]:
+    """(shared) ``t [B, M, K]`` as a TMA-ready ``[B*M, K]`` view, or None when its layout does not allow one."""
+    v = t.reshape(-1, t.shape[-1]) if t.dim() == 3 else t
+    if v.data_ptr() != t.data_ptr() or not tma_ok(v):
+        return None
+    return v
+
+
+def tma_ok(t: Tensor) -> bool:
+    """(shared) A 2-D tensor a tensor descriptor can address: unit last stride, 16-byte aligned base and rows."""
+    esize = t.element_size()
+    return (t.dim() == 2 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * esize) % 16 == 0
+            and t.shape[0] > 0 and t.shape[1] > 0)
+
+
+def descriptor(t: Tensor, block: list[int]):
+    """(shared) Host-side tensor descriptor (``triton.tools.tensor_descriptor``, triton >= 3.4)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, block)
+
+
+def dot_f32(t: Tensor) -> bool:
+    """(shared) Whether the kernels must upcast ``tl.dot`` operands (see ``mma``)."""
+    return t.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def setup(x: Tensor, n: int, out: Optional[Tensor], config: Optional[Config], kernel: str, row_offset: int,
+          block_q: int) -> tuple[Tensor, Config, int, int, int, int]:
+    """(shared) ``(y, config, BLOCK_M, BLOCK_K, first row tile, row tiles)`` of a launch over ``x [B, M, K]``.
+
+    BLOCK_M is capped at ``block_q`` so that a tile lies in one q-block; row tiles are joint-aligned:
+    the first is ``row_offset // BLOCK_M``, and they cover rows ``[row_offset, row_offset + M)``."""
+    B, M, _ = x.shape
+    y = torch.empty(B, M, n, dtype=x.dtype, device=x.device) if out is None else out
+    cfg = config or pick_config(x, kernel)
+    block_m = min(cfg.block_m, block_q)
+    block_k = cfg.block_k if x.element_size() <= 2 else cfg.block_k // 2
+    first = row_offset // block_m
+    return y, cfg, block_m, block_k, first, triton.cdiv(row_offset + M, block_m) - first
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------------
+def sparse_linear_q_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], q_keep: Tensor, head_dim: int,
+                           row_offset: int, block_q: int, sparse_cols: int, config: Optional[Config] = None,
+                           out: Optional[Tensor] = None) -> Tensor:
+    """Triton launcher (same contract as ``sparse_linear_q_ref``); ``config`` overrides the table,
+    ``out`` (``[B, M, N]``, any strides) receives the result instead of a new tensor."""
+    B, M, K = x.shape
+    N = weight.shape[0]
+    y, cfg, block_m, block_k, first, tiles_m = setup(x, N, out, config, "q", row_offset, block_q)
+    if y.numel() == 0:
+        return y
+    keep = q_keep.view(torch.uint8)
+    xa, wa = x, weight
+    use_tma = cfg.tma
+    if use_tma:
+        rows = as_rows(x)
+        use_tma = rows is not None and tma_ok(weight)
+        if use_tma:
+            xa, wa = descriptor(rows, [block_m, block_k]), descriptor(weight, [cfg.block_n, block_k])
+    grid = (tiles_m * triton.cdiv(N, cfg.block_n), B)
+    _gemm_q_kernel[grid](
+        xa, wa, bias if bias is not None else y, y, keep,
+        M, N, K, sparse_cols, row_offset, first, tiles_m,
+        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+        y.stride(0), y.stride(1), y.stride(2), keep.stride(0), keep.stride(1), keep.stride(2),
+        HEAD_DIM=head_dim, BLOCK_Q=block_q, HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0,
+        USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        DOT_F32=dot_f32(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# Torch reference twin
+# ---------------------------------------------------------------------------------------------------
+def row_keep(q_keep: Tensor, m: int, row_offset: int, block_q: int) -> Tensor:
+    """(shared) ``q_keep [B, H, NQB]`` -> per-row flags ``[B, M, H]`` for rows ``row_offset .. row_offset+m-1``."""
+    qb = (torch.arange(m, device=q_keep.device) + row_offset) // block_q
+    return q_keep[:, :, qb].transpose(1, 2)
 
 
 def sparse_linear_q_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], q_keep: Tensor, head_dim: int,
                         row_offset: int, block_q: int, sparse_cols: int) -> Tensor:
-    raise NotImplementedError
+    """Torch twin: the dense product (float32, or float64 for float64 inputs) with skipped Q tiles zeroed."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(cdt) @ weight.to(cdt).T
+    if bias is not None:
+        y = y + bias.to(cdt)
+    keep = row_keep(q_keep, x.shape[1], row_offset, block_q).repeat_interleave(head_dim, dim=-1)
+    y[..., :sparse_cols] *= keep
+    return y.to(x.dtype)
 
 
-def sparse_linear_q_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], q_keep: Tensor, head_dim: int,
-                           row_offset: int, block_q: int, sparse_cols: int) -> Tensor:
-    raise NotImplementedError
+# ---------------------------------------------------------------------------------------------------
+# Argument checks (shared helpers first)
+# ---------------------------------------------------------------------------------------------------
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def check_tensor(name: str, t, ndim: int, like: Optional[Tensor] = None) -> None:
+    """(shared) ``t`` is a floating tensor of ``ndim`` dims, with ``like``'s dtype and device when given."""
+    if not isinstance(t, Tensor) or t.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D tensor, got {_shape(t)}")
+    if like is None:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    elif t.dtype != like.dtype or t.device != like.device:
+        raise ValueError(f"{name} must match the activations' dtype and device ({like.dtype}, {like.device}), "
+                         f"got ({t.dtype}, {t.device})")
+
+
+def check_symbols(q_keep, batch: int, heads: int, m: int, head_dim, row_offset, block_q, device) -> None:
+    """(shared) ``head_dim``, ``row_offset``, ``block_q`` and ``q_keep [B, H, NQB]`` fit ``m`` rows of ``heads`` heads."""
+    if not isinstance(row_offset, int) or row_offset < 0:
+        raise ValueError(f"row_offset must be an int >= 0, got {row_offset!r}")
+    if not isinstance(block_q, int) or block_q < 16 or block_q & (block_q - 1):
+        raise ValueError(f"block_q must be a power of two >= 16, got {block_q!r}")
+    if not isinstance(q_keep, Tensor) or q_keep.dtype != torch.bool or q_keep.dim() != 3:
+        raise ValueError(f"q_keep must be a bool tensor [B, H, NQB], got "
+                         + (f"{q_keep.dtype} {tuple(q_keep.shape)}" if isinstance(q_keep, Tensor) else type(q_keep).__name__))
+    need = triton.cdiv(row_offset + m, block_q)
+    if q_keep.shape[0] != batch or q_keep.shape[1] != heads or q_keep.shape[2] < need:
+        raise ValueError(f"q_keep has shape {tuple(q_keep.shape)}, expected ({batch}, {heads}, NQB >= {need}): "
+                         f"B={batch}, H={heads} heads of head_dim={head_dim}, and NQB q-blocks of {block_q} "
+                         f"covering rows up to row_offset + M = {row_offset + m}")
+    if q_keep.device != device:
+        raise ValueError(f"q_keep is on {q_keep.device}, the activations on {device}")
+
+
+def check_head_dim(head_dim, cols: int, what: str) -> None:
+    """(shared) ``head_dim`` is a positive int dividing ``cols``."""
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    if cols % head_dim:
+        raise ValueError(f"head_dim={head_dim} does not divide {what}={cols}")
+
+
+def check_inputs(x, weight, bias, q_keep, head_dim, row_offset, block_q, sparse_cols) -> None:
+    """Raise ``ValueError`` naming the argument when the inputs break the contract of ``sparse_linear_q``.
+
+    Shapes: ``x [B, M, K]``, ``weight [N, K]``, ``bias [N]`` or None, ``q_keep`` bool ``[B, H, NQB]``
+    with ``H = sparse_cols // head_dim`` and ``NQB >= ceil((row_offset + M) / block_q)``;
+    ``sparse_cols`` (None: N) a multiple of ``head_dim`` in ``(0, N]``.
+    """
+    check_tensor("x", x, 3)
+    check_tensor("weight", weight, 2, like=x)
+    if weight.shape[1] != x.shape[2]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [N, K] with K = x.shape[-1] = {x.shape[2]}")
+    N = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, 1, like=x)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},) = [N]")
+    if sparse_cols is None:
+        sparse_cols = N
+    if not isinstance(sparse_cols, int) or not 0 < sparse_cols <= N:
+        raise ValueError(f"sparse_cols must be an int in (0, N={N}], got {sparse_cols!r}")
+    check_head_dim(head_dim, sparse_cols, "sparse_cols")
+    check_symbols(q_keep, x.shape[0], sparse_cols // head_dim, x.shape[1], head_dim, row_offset, block_q, x.device)
