@@ -1,0 +1,175 @@
+"""The backend around the passes: options, entry point, inner backends, dumps, logging, explain, run-time
+contract (per-layer anchors, zero recompiles), and graphs without attention left exactly as Inductor gets them."""
+
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import _dit_models as M
+from _backend_util import compile_flashomni, count_ops, first, reset_dynamo  # noqa: F401  (autouse fixture)
+import flashomni_compile
+from flashomni_compile import backend as fo_backend
+from flashomni_compile.config import FlashOmniConfig
+from flashomni_compile.runtime import engine
+from flashomni_compile.runtime.spec import get_site
+
+
+def test_entry_point_name_is_registered():
+    from torch._dynamo import list_backends
+
+    assert "flashomni" in list_backends(exclude_tags=())
+
+
+@pytest.mark.parametrize("options,fragment", [
+    ({"polcy": "dense"}, "unknown flashomni option(s) 'polcy'; valid: policy, dump_dir"),
+    ({"policy": "nope"}, "valid: dense"),
+    ({"inner_backend": "tvm"}, "valid: inductor, eager, aot_eager"),
+    ({"block_q": 100}, "power of two"),
+    ({"fuse_gemm_q": 1}, "True or False"),
+    ({"runtime": 3}, "must be a dict"),
+])
+def test_bad_options_raise_with_valid_choices(options, fragment):
+    with pytest.raises(ValueError) as e:
+        fo_backend.flashomni_backend(None, [], options=options)
+    assert fragment in str(e.value)
+
+
+def test_bad_option_surfaces_through_torch_compile():
+    model, kw = M.vit()
+    with pytest.raises(Exception, match="unknown flashomni option"):
+        torch.compile(model, backend="flashomni", options={"bogus": 1})(**kw)
+
+
+def test_mode_and_env_dump_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHOMNI_DUMP_DIR", str(tmp_path))
+    cfg = FlashOmniConfig.from_options({"runtime": {"schedule": "x"}}, mode="max-autotune")
+    assert cfg.mode == "max-autotune" and cfg.dump_dir == str(tmp_path) and cfg.runtime["schedule"] == "x"
+    flashomni_compile.register_policy("test_only_policy")
+    assert FlashOmniConfig.from_options({"policy": "test_only_policy"}).policy == "test_only_policy"
+
+
+def test_dumps_and_logging(tmp_path, caplog):
+    model, kw = M.hunyuan_video()
+    with caplog.at_level(logging.DEBUG, logger="flashomni_compile"):
+        _, records = compile_flashomni(model, kw, inner_backend="eager", dump_dir=str(tmp_path))
+    (gdir,) = os.listdir(tmp_path)
+    assert gdir == "graph_0_0"
+    files = sorted(os.listdir(tmp_path / gdir))
+    assert files == ["00_received.txt", "01_sites.txt", "02_rewritten.txt", "03_inner.txt"]
+    sites = (tmp_path / gdir / "01_sites.txt").read_text()
+    assert sites == records[0].report and "left alone:" in sites and "single_transformer_blocks.0.attn" in sites
+    assert "scaled_dot_product_attention" in (tmp_path / gdir / "00_received.txt").read_text()
+    assert "flashomni.site_attention" in (tmp_path / gdir / "02_rewritten.txt").read_text()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "flashomni_compile"]
+    assert any("site transformer_blocks.0.attn: kind=joint" in m for m in msgs)
+    assert any("left alone context_embedder" in m for m in msgs)
+
+
+def test_explain_report():
+    model, kw = M.hunyuan_video()
+    report = flashomni_compile.explain(model, **kw)
+    assert [s.name for s in report.sites] == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    assert [s.kind for s in report.sites] == ["joint", "single"]
+    assert report.sites[0].pieces == ("gemm_q", "attention", "gemm_o")
+    (u,) = report.unmatched
+    assert "not a key-padding mask" in u.reason
+    text = str(report)
+    assert "kind" in text and "pieces" in text and "left alone:" in text
+
+
+def test_graph_without_attention_goes_to_inductor_untouched(monkeypatch):
+    """No site: the received graph object goes to compile_fx unchanged, with no config patches."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, ex, **kw: seen.append((gm.code, kw)) or gm.forward)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval()
+    x = torch.randn(2, 8)
+    with fo_backend.capture() as records, torch.no_grad():
+        out = torch.compile(model, backend="flashomni")(x)
+    assert records[0].sites == [] and count_ops(records[0].gm)["attention"] == 0
+    ((code, kw),) = seen
+    assert kw == {} and code == records[0].gm.code
+    torch.testing.assert_close(out, model(x))
+
+
+def test_inductor_end_to_end():
+    model, kw = M.vit()
+    with torch.no_grad():
+        ref = model(**kw)
+    out, records = compile_flashomni(model, kw, inner_backend="inductor")
+    assert count_ops(records[0].gm)["attention"] == 2
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+class _Recorder:
+    """Stands in for the runtime: records (site, anchor) per call and updates a persistent device tensor
+    in place, as the real runtime does with its symbols, so the state changes between calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.state = [], torch.zeros(())
+        orig = engine.attention
+
+        def attention(site, anchor, q, k, v, kpm, scale):
+            self.calls.append((site, anchor.data_ptr()))
+            self.state += 1
+            return orig(site, anchor, q, k, v, kpm, scale)
+
+        monkeypatch.setattr(engine, "attention", attention)
+
+
+def test_no_recompiles_over_ten_steps(monkeypatch):
+    rec = _Recorder(monkeypatch)
+    model, kw = M.flux()
+    compiled = torch.compile(model, backend="flashomni", fullgraph=True, options={"inner_backend": "aot_eager"})
+    with fo_backend.capture() as records, torch.no_grad():
+        for step in range(10):
+            kw = dict(kw, hidden_states=torch.randn_like(kw["hidden_states"]),
+                      timestep=torch.tensor([1.0 - step / 10]))
+            out = first(compiled(**kw))
+            torch.testing.assert_close(out, first(model(**kw)), rtol=1e-5, atol=1e-5)
+    assert len(records) == 1, "compiled once"
+    assert float(rec.state) == 20 and len(rec.calls) == 20   # 2 sites x 10 steps
+
+
+def test_repeated_blocks_get_one_anchor_per_layer(monkeypatch):
+    """compile_repeated_blocks: as many graphs as plain torch.compile makes (one per block class, plus
+    the stride recompile Flux's first single block causes in plain torch.compile too), and a distinct
+    anchor per layer."""
+    plain, kw = M.flux(num_layers=2, num_single_layers=3)
+    plain_graphs = []
+    plain.compile_repeated_blocks(backend=lambda gm, ex: plain_graphs.append(gm) or gm.forward, fullgraph=True)
+    with torch.no_grad():
+        plain(**kw), plain(**kw)
+    torch._dynamo.reset()
+    rec = _Recorder(monkeypatch)
+    model, kw = M.flux(num_layers=2, num_single_layers=3)
+    with torch.no_grad():
+        ref = first(model(**kw))
+    rec.calls.clear()
+    model.compile_repeated_blocks(backend="flashomni", fullgraph=True, options={"inner_backend": "aot_eager"})
+    with fo_backend.capture() as records, torch.no_grad():
+        out = first(model(**kw))
+        first(model(**kw))
+    assert len(records) == len(plain_graphs), [r.graph for r in records]
+    kinds = {get_site(s.index).kind for r in records for s in r.sites}
+    assert kinds == {"joint", "single"}
+    anchors = {a for _, a in rec.calls}
+    assert len(rec.calls) == 10 and len(anchors) == 5          # 5 layers, 2 calls each
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_site_ops_opcheck():
+    from torch.library import opcheck
+
+    q = torch.randn(1, 2, 8, 16)
+    kpm = torch.ones(1, 8, dtype=torch.bool)
+    opcheck(torch.ops.flashomni.site_attention.default, (q, q, q, kpm, 0, q, 0.25))
+    x, w = torch.randn(1, 8, 32), torch.randn(48, 32)
+    opcheck(torch.ops.flashomni.site_linear_q.default, (x, w, None, 0, w, 0, 32))
+    opcheck(torch.ops.flashomni.site_linear_o.default, (x, w, torch.randn(48), x, torch.randn(48, 32), 0, w, 0))
+    out = torch.ops.flashomni.site_attention.default(q, q, q, None, 0, q, 0.25)
+    assert out.transpose(1, 2).is_contiguous(), "memory order [B, Nq, H, D]"
