@@ -34,7 +34,15 @@ def register_policy(name: str, policy: Any = None) -> None:
 
 
 def policy_names() -> tuple[str, ...]:
-    return tuple(sorted(_POLICIES))
+    """Names accepted by ``options={"policy": ...}``: registered here or by the runtime's policy registry."""
+    names = set(_POLICIES)
+    try:  # the runtime's built-in policies, when that module exists (imported lazily: keeps import lean)
+        from .runtime import policies
+
+        names |= set(policies.policy_names())
+    except (ImportError, AttributeError):
+        pass
+    return tuple(sorted(names))
 
 
 def _frozen(d: Optional[Mapping]) -> Mapping:
@@ -46,7 +54,8 @@ class FlashOmniConfig:
     """Backend options.
 
     Attributes:
-        policy: name of the sparsity policy (``"dense"``: every symbol kept; the correctness mode).
+        policy: name of the sparsity policy (``"dense"``: every symbol kept; the correctness mode), or a
+            policy object (callable) that the runtime uses as is.
         dump_dir: directory for the debugging dumps (docs/debugging.md); default: ``$FLASHOMNI_DUMP_DIR``.
         inner_backend: what compiles the rewritten graph: ``"inductor"`` | ``"eager"`` | ``"aot_eager"``.
         mode: Inductor mode for the inner compile (``torch.compile``'s ``mode=`` lands here too).
@@ -69,9 +78,10 @@ class FlashOmniConfig:
     runtime: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.policy, str) or self.policy not in _POLICIES:
-            raise ValueError(f"flashomni option 'policy'={self.policy!r} is not a known policy; "
-                             f"valid: {', '.join(policy_names())}")
+        if isinstance(self.policy, str) or not callable(self.policy):   # an instance: the runtime checks it
+            if not isinstance(self.policy, str) or self.policy not in policy_names():
+                raise ValueError(f"flashomni option 'policy'={self.policy!r} is not a known policy; "
+                                 f"valid: {', '.join(policy_names())} (or a policy object)")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"flashomni option 'dump_dir' must be a path string or None, got {self.dump_dir!r}")
         if self.inner_backend not in INNER_BACKENDS:
