@@ -34,7 +34,7 @@ __all__ = ["OFF", "UNDEF", "POISON", "LabelRun", "op_name", "is_linear", "is_sdp
            "value_users", "tensor_meta"]
 
 OFF, UNDEF, POISON = -1, -2, -3
-LABEL_DTYPE = torch.int64
+LABEL_DTYPE = torch.int32  # half the memory of int64; every label count here is < 2**31 (checked)
 
 _FN_NAMES: dict[Any, str] = {
     operator.getitem: "getitem", operator.setitem: "setitem", operator.add: "add", operator.sub: "sub",

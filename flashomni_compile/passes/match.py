@@ -267,6 +267,8 @@ def _prove_o(sdpa: fx.Node, dims) -> tuple[list[OutProjection], list[str], bool]
     """Returns ``(out projections, notes, single_stream)``."""
     B, H, N, D, _ = dims
     HD = H * D
+    if B * N * H * D >= 2**31:
+        return [], [f"GEMM-O: {B}x{N}x{H}x{D} attention output is too large to label with int32"], False
     fwd, terminals, escapes, todo = set(), [], [], [sdpa]
     while todo:
         x = todo.pop()
