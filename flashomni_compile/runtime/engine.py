@@ -1,4 +1,4 @@
-"""What the ``flashomni::site_*`` ops do at run time (dense placeholder until the runtime issue lands).
+"""What the ``flashomni::site_*`` ops do at run time: the update/dispatch engine.
 
 Contract (kept by every version of this file):
 
@@ -14,15 +14,44 @@ Contract (kept by every version of this file):
 ``site`` is the index of a registered ``SiteSpec``; ``anchor`` is a weight tensor of the site that
 differs per layer at run time (its ``data_ptr`` keys the per-layer state).
 No host syncs and no data-dependent allocation on dispatch steps.
+
+Per layer and step the calls come as ``linear_q`` (0..n calls, one per stream) -> ``attention`` ->
+``linear_o`` (0..n calls). The controller (``controller.begin_pass``) fixes the pass's step and kind at
+its first call:
+
+* **update** (plan): ``linear_q`` dense; ``attention`` runs dense SDPA, pools Q/K per block, asks the
+  policy and the symbol hooks for new symbols, stores them in place with their kv-block lists, and
+  refreshes the feature cache's Taylor terms; ``linear_o`` projects each Taylor term's cached heads
+  once (``out_proj_cache``) and returns ``C0 + projection of the computed heads``, i.e. the dense result.
+* **dispatch** (run): ``linear_q`` computes only the kept (q-block, head) tiles; ``attention`` runs the
+  sparse kernel on the stored lists, cached q-blocks taking ``cache(t)`` (Taylor-extrapolated into a
+  preallocated buffer); ``linear_o`` reduces over the computed heads only, on top of
+  ``C(t) = C0 + delta C1 + delta^2/2 C2``. Nothing reads device data on the host; the only
+  allocations are the ops' fixed-shape outputs.
+
+Sites whose options are ``None`` (or the dense policy with no hook) run the dense path, untouched.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..kernels.ops import sparse_attention_op, sparse_linear_o_op, sparse_linear_q_op
+from ..symbols import SparseSymbols, validate_symbols
+from .cache import FeatureCache, order_within_cap
+from .controller import begin_pass
+from .hooks import apply_symbol_hooks, symbol_hooks
+from .options import RuntimeOptions, resolve_options
+from .policies import DensePolicy, PolicyContext, get_policy, pooled_scores
+from .spec import SiteSpec, get_site
+from .state import DISPATCH, UPDATE, BranchState, LayerState, layer_state, reset_state
+
+__all__ = ["attention", "linear_q", "linear_o", "reset"]
 
 
 def _bnhd(out: Tensor) -> Tensor:
@@ -32,20 +61,220 @@ def _bnhd(out: Tensor) -> Tensor:
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def attention(site: int, anchor: Tensor, q: Tensor, k: Tensor, v: Tensor,
-              key_padding_mask: Optional[Tensor], scale: float) -> Tensor:
+def _dense_attention(q, k, v, key_padding_mask, scale) -> Tensor:
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     return _bnhd(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
 
 
-def linear_q(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-             row_offset: int, sparse_cols: int) -> Tensor:
-    return F.linear(x, weight, bias)
-
-
-def linear_o(site: int, anchor: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], row_offset: int,
-             extra: Optional[Tensor], extra_weight: Optional[Tensor]) -> Tensor:
+def _dense_linear_o(a, weight, bias, extra, extra_weight) -> Tensor:
     y = F.linear(a, weight, bias)
     if extra is not None:
         y = y + F.linear(extra, extra_weight)
     return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# Site configuration (resolved once per site index)
+# ---------------------------------------------------------------------------------------------------
+_SITE_CFG: dict[int, tuple[Optional[RuntimeOptions], Any]] = {}
+
+
+def site_config(site: int) -> tuple[SiteSpec, Optional[RuntimeOptions], Any]:
+    """``(spec, options for this site (overrides applied) or None, policy instance or None)``."""
+    spec = get_site(site)
+    cfg = _SITE_CFG.get(site)
+    if cfg is None:
+        opts = resolve_options(spec.options)
+        if opts is not None:
+            opts = opts.for_site(spec.name)
+            policy = get_policy(opts.policy, **opts.policy_args)
+        else:
+            policy = None
+        cfg = _SITE_CFG[site] = (opts, policy)
+    return (spec,) + cfg
+
+
+def _is_dense(opts: Optional[RuntimeOptions], policy: Any) -> bool:
+    return opts is None or (isinstance(policy, DensePolicy) and not symbol_hooks(opts.symbol_hook))
+
+
+def reset() -> None:
+    """Forget all run-time state: per-layer symbols and caches, step counters, statistics, resolved options."""
+    reset_state()
+    _SITE_CFG.clear()
+
+
+def _state(site: int, anchor: Tensor) -> Optional[LayerState]:
+    spec, opts, policy = site_config(site)
+    if _is_dense(opts, policy):
+        return None
+    return layer_state(site, anchor, spec, opts, policy)
+
+
+def _timed(st: LayerState, kind: str, t0: float, device: torch.device) -> None:
+    if st.options.timing and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    st.stats.add_time(kind, time.perf_counter() - t0)
+
+
+def _start(st: LayerState, device: torch.device) -> float:
+    if st.options.timing and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three site functions
+# ---------------------------------------------------------------------------------------------------
+def linear_q(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+             row_offset: int, sparse_cols: int) -> Tensor:
+    st = _state(site, anchor)
+    if st is None:
+        return F.linear(x, weight, bias)
+    t0 = _start(st, x.device)
+    if st.attn_done:
+        begin_pass(st, (x.shape[0], x.dtype, x.device))
+        st.attn_done = False
+    p = st.current
+    br = p.branch
+    if p.kind == DISPATCH and br.q_sparse:
+        y = sparse_linear_q_op(x, weight, bias, br.symbols.q_keep, st.spec.head_dim, row_offset,
+                               br.symbols.block_q, sparse_cols)
+    else:
+        y = F.linear(x, weight, bias)
+    _timed(st, p.kind, t0, x.device)
+    return y
+
+
+def attention(site: int, anchor: Tensor, q: Tensor, k: Tensor, v: Tensor,
+              key_padding_mask: Optional[Tensor], scale: float) -> Tensor:
+    st = _state(site, anchor)
+    if st is None:
+        return _dense_attention(q, k, v, key_padding_mask, scale)
+    t0 = _start(st, q.device)
+    if st.attn_done:       # no linear_q in this site (or it was not fused): the pass begins here
+        begin_pass(st, (q.shape[0], q.dtype, q.device))
+    p = st.current
+    if p.kind == UPDATE:
+        out = _attention_update(st, p.branch, p.step, p.total, q, k, v, key_padding_mask, scale)
+        st.stats.updates += 1
+    else:
+        out = _attention_dispatch(st, p.branch, p.step, q, k, v, key_padding_mask, scale)
+        st.stats.dispatches += 1
+    st.attn_done = True
+    _timed(st, p.kind, t0, q.device)
+    return out
+
+
+def linear_o(site: int, anchor: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], row_offset: int,
+             extra: Optional[Tensor], extra_weight: Optional[Tensor]) -> Tensor:
+    st = _state(site, anchor)
+    if st is None or st.current is None or not st.attn_done:
+        return _dense_linear_o(a, weight, bias, extra, extra_weight)
+    t0 = _start(st, a.device)
+    p = st.current
+    br = p.branch
+    head_dim, sym = st.spec.head_dim, br.symbols
+    if not br.q_sparse or br.cache is None:
+        y = _dense_linear_o(a, weight, bias, extra, extra_weight)
+    elif p.kind == UPDATE:
+        # C0 over the cached heads (+ bias), C1.. for the Taylor terms; the computed heads on top of C0
+        # make the dense result, so the update step costs one dense GEMM plus the higher terms.
+        c0 = br.cache.project(row_offset, weight, bias, sym.q_keep, a, head_dim, sym.block_q)
+        y = sparse_linear_o_op(a, weight, c0, sym.q_keep, extra, extra_weight, head_dim, row_offset, sym.block_q)
+        st.stats.cache_bytes = _cache_bytes(st)
+    elif br.cache.has_out(row_offset):
+        c = br.cache.out_at(row_offset, p.step)
+        y = sparse_linear_o_op(a, weight, c, sym.q_keep, extra, extra_weight, head_dim, row_offset, sym.block_q)
+    else:  # a call the update step did not see: the dense projection of ``a`` is always right
+        y = _dense_linear_o(a, weight, bias, extra, extra_weight)
+    _timed(st, p.kind, t0, a.device)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# Update step (plan)
+# ---------------------------------------------------------------------------------------------------
+def _cache_bytes(st: LayerState) -> int:
+    return sum(b.cache.nbytes() for b in st.branches if b.cache is not None)
+
+
+def _attention_update(st: LayerState, br: BranchState, step: int, total: Optional[int], q: Tensor, k: Tensor,
+                      v: Tensor, key_padding_mask: Optional[Tensor], scale: float) -> Tensor:
+    opts, spec = st.options, st.spec
+    out = _dense_attention(q, k, v, key_padding_mask, scale)
+    B, H, Nq, D = q.shape
+    Nkv = k.shape[2]
+    bq, bkv = opts.block_q, opts.block_kv
+    pq, pk, scores = pooled_scores(q, k, key_padding_mask, scale, bq, bkv)
+
+    signature = (B, q.dtype, q.device)
+    if br.signature != signature or br.symbols is None or br.symbols.seq_q != Nq or br.symbols.seq_kv != Nkv:
+        br.symbols, br.cache, br.last_update = None, None, None
+    hooks = symbol_hooks(opts.symbol_hook)
+    caches_q = bool(getattr(st.policy, "caches_q", True)) or bool(hooks)
+    skips_kv = bool(getattr(st.policy, "skips_kv", True)) or bool(hooks)
+
+    # Feature-cache order within the memory cap (GEMM-O terms estimated at H*D output features).
+    if caches_q:
+        esize = q.element_size()
+        term = B * H * Nq * D * esize
+        out_term = B * Nq * H * D * esize if "gemm_o" in spec.pieces else 0
+        cap = None if opts.cache_cap_mb is None else opts.cache_cap_mb * 2**20
+        order = order_within_cap(opts.taylor_order, cap, term, out_term)
+        caches_q = order >= 0
+        if caches_q and (br.cache is None or br.cache.order != order):
+            br.cache = FeatureCache(order)
+    if not caches_q:
+        br.cache = None
+
+    prev_out = br.cache.terms[0] if (br.cache is not None and br.cache.updates > 0) else None
+    ctx = PolicyContext(spec=spec, step=step, total=total, block_q=bq, block_kv=bkv, pooled_q=pq, pooled_k=pk,
+                        scores=scores, out=out, seq_kv=Nkv, prev_out=prev_out,
+                        steps_since_update=None if br.last_update is None else step - br.last_update,
+                        prev_symbols=br.symbols)
+    sym = st.policy(ctx)
+    if not isinstance(sym, SparseSymbols):
+        raise TypeError(f"policy {type(st.policy).__name__} returned {type(sym).__name__}; it must return "
+                        "SparseSymbols (use ctx.symbols(q_keep, kv_keep) or ctx.dense())")
+    try:
+        validate_symbols(sym.q_keep, sym.kv_keep, Nq, Nkv, bq, bkv, batch=B, heads=H, device=q.device)
+    except ValueError as e:
+        raise ValueError(f"policy {type(st.policy).__name__} on site {spec.name!r}: {e}") from None
+    if (sym.block_q, sym.block_kv) != (bq, bkv):
+        raise ValueError(f"policy {type(st.policy).__name__} returned symbols with blocks ({sym.block_q}, "
+                         f"{sym.block_kv}); the site uses ({bq}, {bkv})")
+    if hooks:
+        sym = apply_symbol_hooks(hooks, spec, step, scores, sym)
+    if not caches_q:  # no cache to take rows from (policy never caches, or over the memory cap)
+        sym = SparseSymbols(torch.ones_like(sym.q_keep), sym.kv_keep, Nq, Nkv, bq, bkv)
+
+    br.store_symbols(sym)
+    br.signature = signature
+    br.q_sparse, br.kv_sparse = caches_q, skips_kv
+    if br.cache is not None:
+        br.cache.update(out, step)
+    br.last_update = step
+
+    if br is st.branches[0]:
+        st.stats.q_density = br.symbols.q_density()
+        st.stats.kv_density = br.symbols.kv_density()
+        st.stats.cache_order = -1 if br.cache is None else br.cache.active_order
+    st.stats.cache_bytes = _cache_bytes(st)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch step (run): no host sync, no data-dependent allocation
+# ---------------------------------------------------------------------------------------------------
+def _attention_dispatch(st: LayerState, br: BranchState, step: int, q: Tensor, k: Tensor, v: Tensor,
+                        key_padding_mask: Optional[Tensor], scale: float) -> Tensor:
+    if not br.q_sparse and not br.kv_sparse:
+        return _dense_attention(q, k, v, key_padding_mask, scale)
+    sym = br.symbols
+    q_keep = sym.q_keep if br.q_sparse else None
+    cache = br.cache.at(step) if br.q_sparse else None
+    kv_count, kv_index = (br.kv_count, br.kv_index) if br.kv_sparse else (None, None)
+    out, _ = sparse_attention_op(q, k, v, q_keep, kv_count, kv_index, cache, key_padding_mask, float(scale),
+                                 sym.block_q, sym.block_kv)
+    return out

@@ -1,0 +1,157 @@
+"""Feature cache of one layer: Taylor terms of the attention output and their GEMM-O projections.
+
+At update step ``s_n`` (dense output ``F_n``, distance ``d = s_n - s_{n-1}`` to the previous update)
+the terms are refreshed as TaylorSeer's divided differences::
+
+    D0 = F_n        D1 = (F_n - F_{n-1}) / d        D2 = (D1_n - D1_{n-1}) / d
+
+and at a dispatch step ``t`` (``delta = t - s_n``) the cache is the truncated Taylor series
+
+    cache(t) = D0 + delta * D1 + delta^2 / 2 * D2          (order 0: D0; order 1: the first two terms)
+
+The order in use is ``min(order, updates seen - 1)``. GEMM-O stays reduction-sparse with order > 0
+because projection is linear: each term's cached heads are projected once at the update step,
+
+    C_k = sum over cached heads h of D_k[h] . W_h^T   (+ bias in C_0 only)   (``out_proj_cache``)
+
+and a dispatch step combines ``C(t) = C0 + delta * C1 + delta^2 / 2 * C2`` elementwise, which is exactly
+the projection of ``cache(t)``'s cached heads. Every buffer is allocated at the first update (or when a
+shape changes) and overwritten in place afterwards; dispatch steps only write into preallocated buffers.
+
+Shape legend: ``B`` batch, ``H`` heads, ``N`` joint tokens, ``D`` head dim, ``M`` rows of one GEMM-O
+call (``row_offset`` where they start), ``NO`` output features. Feature terms are ``[B, H, N, D]`` with
+memory order ``[B, N, H, D]`` (the attention output's), so ``term.transpose(1, 2).reshape(B, N, H*D)`` is
+a free view of the GEMM-O input layout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels.ops import out_proj_cache_op
+
+__all__ = ["FeatureCache", "order_within_cap"]
+
+
+def _bnhd_empty(like: Tensor) -> Tensor:
+    B, H, N, D = like.shape
+    return torch.empty(B, N, H, D, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def order_within_cap(order: int, cap_bytes: Optional[float], term_bytes: int, out_term_bytes: int) -> int:
+    """The highest Taylor order ``<= order`` whose buffers fit ``cap_bytes``; -1 when not even order 0 fits.
+
+    Order ``k`` keeps ``k + 1`` feature terms and ``k + 1`` GEMM-O terms, plus one extrapolation buffer
+    of each when ``k > 0``.
+    """
+    if cap_bytes is None:
+        return order
+    for k in range(order, -1, -1):
+        n = k + 1 + (1 if k > 0 else 0)
+        if n * (term_bytes + out_term_bytes) <= cap_bytes:
+            return k
+    return -1
+
+
+class FeatureCache:
+    """Taylor terms ``D0..Dk`` of one layer's attention output and their per-call GEMM-O projections."""
+
+    def __init__(self, order: int) -> None:
+        self.order = order                       # the most terms this cache keeps (after the cap)
+        self.terms: list[Tensor] = []            # D0..D_order, allocated at the first update
+        self.updates = 0                         # updates seen since the last reset (host int)
+        self.last_step: Optional[int] = None
+        self.extrap: Optional[Tensor] = None     # cache(t) for order > 0
+        self.out_terms: dict[int, list[Tensor]] = {}   # row_offset -> C0..C_order   [B, M, NO]
+        self.out_buf: dict[int, Tensor] = {}           # row_offset -> C(t)        [B, M, NO]
+
+    # -- update step ------------------------------------------------------------------------------
+    @property
+    def active_order(self) -> int:
+        """The order the dispatch steps use: limited by the updates seen so far."""
+        return max(0, min(self.order, self.updates - 1))
+
+    def reset(self) -> None:
+        """Forget the history (a new generation started); buffers are kept for reuse."""
+        self.updates = 0
+        self.last_step = None
+
+    def update(self, out: Tensor, step: int) -> None:
+        """Refresh the terms from this update's dense output ``out [B, H, N, D]`` at ``step``."""
+        if not self.terms or self.terms[0].shape != out.shape or self.terms[0].dtype != out.dtype \
+                or self.terms[0].device != out.device:
+            self.terms = [_bnhd_empty(out) for _ in range(self.order + 1)]
+            self.extrap = _bnhd_empty(out) if self.order > 0 else None
+            self.out_terms, self.out_buf = {}, {}
+            self.updates = 0
+        if self.updates > 0 and self.order > 0:
+            d = float(step - self.last_step)
+            # Differences in float32: the terms are stored in the activations' dtype, but a bf16
+            # subtraction of two nearby outputs would lose most of the difference's bits.
+            acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+            d1 = (out.to(acc) - self.terms[0].to(acc)) / d
+            if self.order > 1 and self.updates > 1:
+                self.terms[2].copy_((d1 - self.terms[1].to(acc)) / d)
+            self.terms[1].copy_(d1)
+        self.terms[0].copy_(out)
+        self.updates += 1
+        self.last_step = step
+
+    def project(self, row_offset: int, weight: Tensor, bias: Optional[Tensor], q_keep: Tensor, a: Tensor,
+                head_dim: int, block_q: int) -> Tensor:
+        """Build and keep ``C0..Ck`` for the GEMM-O call at ``row_offset`` (update step); returns ``C0``.
+
+        ``a [B, M, H*D]`` is this update's attention output rows (equal to ``D0``'s rows).
+        """
+        k = self.active_order
+        B, M = a.shape[:2]
+        cs = [out_proj_cache_op(a, weight, bias, q_keep, head_dim, row_offset, block_q)]
+        for i in range(1, k + 1):
+            t = self.terms[i]
+            rows = t.transpose(1, 2).reshape(B, t.shape[2], -1)[:, row_offset:row_offset + M]
+            cs.append(out_proj_cache_op(rows, weight, None, q_keep, head_dim, row_offset, block_q))
+        old = self.out_terms.get(row_offset)
+        if old is None or len(old) < self.order + 1 or old[0].shape != cs[0].shape or old[0].dtype != cs[0].dtype:
+            old = [torch.empty_like(cs[0]) for _ in range(self.order + 1)]
+            self.out_terms[row_offset] = old
+            if self.order > 0:
+                self.out_buf[row_offset] = torch.empty_like(cs[0])
+        for dst, src in zip(old, cs):
+            dst.copy_(src)
+        return old[0]
+
+    # -- dispatch step (no allocation, no sync) --------------------------------------------------------
+    def at(self, step: int) -> Tensor:
+        """``cache(step)``, written into the preallocated buffer (order 0: ``D0`` itself)."""
+        return self._combine(self.terms, self.extrap, step)
+
+    def has_out(self, row_offset: int) -> bool:
+        return row_offset in self.out_terms
+
+    def out_at(self, row_offset: int, step: int) -> Tensor:
+        """``C(step)`` of the GEMM-O call at ``row_offset``, in its preallocated buffer."""
+        return self._combine(self.out_terms[row_offset], self.out_buf.get(row_offset), step)
+
+    def _combine(self, terms: list[Tensor], buf: Optional[Tensor], step: int) -> Tensor:
+        k = self.active_order
+        if k == 0:
+            return terms[0]
+        delta = float(step - self.last_step)
+        torch.add(terms[0], terms[1], alpha=delta, out=buf)
+        if k > 1:
+            buf.add_(terms[2], alpha=delta * delta / 2.0)
+        return buf
+
+    # -- accounting ---------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        ts = list(self.terms) + [self.extrap] + [t for ts in self.out_terms.values() for t in ts] \
+            + list(self.out_buf.values())
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def tensors(self) -> list[Tensor]:
+        """Every buffer (for tests: dispatch steps must not replace any)."""
+        return [t for t in list(self.terms) + [self.extrap] + [t for ts in self.out_terms.values() for t in ts]
+                + list(self.out_buf.values()) if t is not None]

@@ -1,0 +1,140 @@
+"""Per-layer run-time state of a site: persistent symbol tensors, feature cache, pass tracking.
+
+State is keyed by ``(site, anchor.data_ptr())``: ``site`` is the ``SiteSpec`` index the graph carries,
+``anchor`` a weight of the layer, so one compiled block reused for every layer (diffusers'
+``compile_repeated_blocks``) gets one ``LayerState`` per layer. Inside a layer, a ``BranchState`` holds
+the device tensors of one *branch*: normally one; with classifier-free guidance run as two forward
+calls per step and the step set explicitly (``set_step``), the second call of a step is branch 1, so
+the conditional and unconditional passes keep separate symbols and caches.
+
+Device tensors (``q_keep``, ``kv_keep``, ``kv_count``, ``kv_index``, the cache terms) are allocated at a
+branch's first update and overwritten in place by later updates; dispatch steps only read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import Tensor
+
+from ..symbols import SparseSymbols, kv_block_lists
+from .cache import FeatureCache
+from .options import RuntimeOptions
+from .spec import SiteSpec
+from .stats import LayerStats
+
+__all__ = ["BranchState", "LayerState", "Pass", "layer_state", "all_layer_states", "reset_state", "symbols_of",
+           "UPDATE", "DISPATCH"]
+
+UPDATE, DISPATCH = "update", "dispatch"
+
+
+@dataclass
+class BranchState:
+    """Device state of one branch of one layer (see the module docstring)."""
+
+    signature: Optional[tuple] = None        # (batch, dtype, device) the buffers were built for
+    symbols: Optional[SparseSymbols] = None  # persistent q_keep / kv_keep
+    kv_count: Optional[Tensor] = None
+    kv_index: Optional[Tensor] = None
+    cache: Optional[FeatureCache] = None     # None: this branch does not cache (q-blocks all computed)
+    last_update: Optional[int] = None        # step of the last update (host int)
+    q_sparse: bool = False                   # host flags fixed at the last update: which kernels to run
+    kv_sparse: bool = False
+
+    def store_symbols(self, sym: SparseSymbols) -> None:
+        """Copy ``sym`` into the persistent tensors (allocated the first time) and rebuild the lists."""
+        count, index = kv_block_lists(sym.kv_keep)
+        cur = self.symbols
+        if cur is None or cur.q_keep.shape != sym.q_keep.shape or cur.kv_keep.shape != sym.kv_keep.shape \
+                or cur.q_keep.device != sym.q_keep.device:
+            self.symbols = SparseSymbols(sym.q_keep.clone(), sym.kv_keep.clone(), sym.seq_q, sym.seq_kv,
+                                         sym.block_q, sym.block_kv)
+            self.kv_count, self.kv_index = count.clone(), index.clone()
+        else:
+            cur.q_keep.copy_(sym.q_keep)
+            cur.kv_keep.copy_(sym.kv_keep)
+            self.kv_count.copy_(count)
+            self.kv_index.copy_(index)
+        self.symbols._lists = (self.kv_count, self.kv_index)
+
+    def tensors(self) -> list[Tensor]:
+        """Every persistent device tensor (tests check that dispatch steps replace none)."""
+        ts = [] if self.symbols is None else [self.symbols.q_keep, self.symbols.kv_keep, self.kv_count, self.kv_index]
+        return ts + ([] if self.cache is None else self.cache.tensors())
+
+
+@dataclass
+class Pass:
+    """What the current pass of a layer is: its step, kind (update/dispatch) and branch."""
+
+    step: int
+    total: Optional[int]
+    kind: str
+    branch: BranchState
+
+
+@dataclass
+class LayerState:
+    """Run-time state of one layer of one site."""
+
+    site: int
+    anchor_ptr: int
+    spec: SiteSpec
+    options: RuntimeOptions
+    policy: Any
+    branches: list[BranchState] = field(default_factory=list)
+    stats: LayerStats = None
+    # pass tracking (host ints): a pass begins at the first site call after the attention call
+    attn_done: bool = True
+    counted_step: int = -1
+    explicit_step: Optional[int] = None
+    branch_index: int = 0
+    current: Optional[Pass] = None
+
+    def __post_init__(self):
+        if self.stats is None:
+            self.stats = LayerStats(self.spec.name, self.site, self.anchor_ptr)
+
+    def branch(self, index: int) -> BranchState:
+        while len(self.branches) <= index:
+            self.branches.append(BranchState())
+        return self.branches[index]
+
+    def tensors(self) -> list[Tensor]:
+        return [t for b in self.branches for t in b.tensors()]
+
+
+_STATES: dict[tuple[int, int], LayerState] = {}
+
+
+def layer_state(site: int, anchor: Tensor, spec: SiteSpec, options: RuntimeOptions, policy: Any) -> LayerState:
+    """The state of the layer whose anchor weight is ``anchor`` at site ``site`` (created on first use)."""
+    key = (site, anchor.data_ptr())
+    st = _STATES.get(key)
+    if st is None:
+        st = _STATES[key] = LayerState(site, key[1], spec, options, policy)
+    return st
+
+
+def all_layer_states() -> list[LayerState]:
+    return list(_STATES.values())
+
+
+def reset_state() -> None:
+    """Drop every layer's state (symbols, caches, step counters, stats)."""
+    _STATES.clear()
+
+
+def symbols_of(site: int, anchor: Tensor, branch: int = 0) -> Optional[SparseSymbols]:
+    """The symbols in force for one layer (``None`` before its first update)."""
+    st = _STATES.get((site, anchor.data_ptr()))
+    if st is None or len(st.branches) <= branch:
+        return None
+    return st.branches[branch].symbols
+
+
+def signature_of(t: Tensor) -> tuple:
+    return (t.shape[0], t.dtype, t.device)
+

@@ -1,0 +1,98 @@
+"""Per-site statistics: density, update/dispatch counts, time, cache memory; and a readable report.
+
+Counters and times are host values; densities are device scalars recorded at update steps and only
+read (one sync) when a report is made, so collecting them costs nothing on the hot path. Times are
+host launch times unless ``options={"timing": True}`` synchronises around every site call.
+
+    >>> print(stats_report())          # doctest: +SKIP
+    site                     layers  updates  dispatches  q-density  kv-density  cache MiB  ms/update  ms/dispatch
+    transformer_blocks.0.attn    2        4          6       0.62        0.81       12.0      1.30        0.41
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import Tensor
+
+__all__ = ["LayerStats", "SiteStats", "site_stats", "stats_report"]
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one layer of one site (kept in its ``LayerState``)."""
+
+    site_name: str
+    site: int
+    anchor_ptr: int
+    updates: int = 0
+    dispatches: int = 0
+    update_s: float = 0.0
+    dispatch_s: float = 0.0
+    q_density: Optional[Tensor] = None       # device scalar, last update (branch 0)
+    kv_density: Optional[Tensor] = None
+    cache_bytes: int = 0
+    cache_order: int = -1                    # Taylor order in use after the last update; -1: no cache
+
+    def add_time(self, kind: str, seconds: float) -> None:
+        if kind == "update":
+            self.update_s += seconds
+        else:
+            self.dispatch_s += seconds
+
+
+@dataclass
+class SiteStats:
+    """Aggregate over the layers of one site (what ``site_stats`` returns)."""
+
+    name: str
+    site: int
+    layers: int
+    updates: int
+    dispatches: int
+    q_density: Optional[float]       # mean over layers of the last update's q-density
+    kv_density: Optional[float]      # mean over layers of the last update's kv-density
+    cache_mib: float                 # feature cache + GEMM-O cache, all layers
+    ms_per_update: Optional[float]   # per layer call set (linear_q + attention + linear_o)
+    ms_per_dispatch: Optional[float]
+
+
+def site_stats() -> list[SiteStats]:
+    """One ``SiteStats`` per site seen at run time (reads the density scalars: syncs once per layer)."""
+    from .state import all_layer_states
+
+    by_site: dict[int, list[LayerStats]] = {}
+    for st in all_layer_states():
+        by_site.setdefault(st.site, []).append(st.stats)
+    out = []
+    for site, ls in sorted(by_site.items()):
+        qd = [float(s.q_density) for s in ls if s.q_density is not None]
+        kd = [float(s.kv_density) for s in ls if s.kv_density is not None]
+        up, di = sum(s.updates for s in ls), sum(s.dispatches for s in ls)
+        out.append(SiteStats(
+            name=ls[0].site_name, site=site, layers=len(ls), updates=up, dispatches=di,
+            q_density=sum(qd) / len(qd) if qd else None, kv_density=sum(kd) / len(kd) if kd else None,
+            cache_mib=sum(s.cache_bytes for s in ls) / 2**20,
+            ms_per_update=1e3 * sum(s.update_s for s in ls) / up if up else None,
+            ms_per_dispatch=1e3 * sum(s.dispatch_s for s in ls) / di if di else None))
+    return out
+
+
+def _f(v: Optional[float], fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def stats_report() -> str:
+    """A readable table of ``site_stats()`` (one row per site)."""
+    rows = site_stats()
+    head = ("site", "layers", "updates", "dispatches", "q-density", "kv-density", "cache MiB", "ms/update",
+            "ms/dispatch")
+    body = [(s.name, str(s.layers), str(s.updates), str(s.dispatches), _f(s.q_density, ".3f"),
+             _f(s.kv_density, ".3f"), _f(s.cache_mib, ".1f"), _f(s.ms_per_update, ".2f"),
+             _f(s.ms_per_dispatch, ".2f")) for s in rows]
+    if not body:
+        return "flashomni runtime: no site has run yet\n"
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(head)] + [line(r) for r in body]) + "\n"

@@ -1,0 +1,396 @@
+"""The run-time engine driven directly (no torch.compile): schedule, update/dispatch semantics, feature
+cache and GEMM-O consistency, per-layer state, dispatch-step hygiene (no sync, no allocation in the state).
+
+Float64 inputs make the sparse references exact, so dispatch steps are checked against an independent
+computation of DESIGN.md section 2's reference semantics to 1e-10.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from flashomni_compile.kernels.attention import sparse_attention_ref
+from flashomni_compile.runtime import engine
+from flashomni_compile.runtime.controller import clear_step, set_step
+from flashomni_compile.runtime.hooks import clear_symbol_hooks, register_symbol_hook
+from flashomni_compile.runtime.state import all_layer_states
+from flashomni_compile.symbols import kv_block_lists
+
+from _runtime_util import Layer, dense_forward, forward, inputs, make_site, rel
+
+TOL64 = 1e-10
+STEPS = 10
+# An aggressive schedule and policy so that dispatch steps really skip and cache.
+SPARSE = dict(block_q=32, block_kv=32, warmup=2, interval=3, last_dense=1, total_steps=STEPS,
+              policy="flashomni", policy_args=dict(tau_kv=0.3, cache_fraction=0.5, layer_threshold=0.0))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runtime():
+    engine.reset()
+    clear_step()
+    clear_symbol_hooks()
+    yield
+    engine.reset()
+    clear_step()
+    clear_symbol_hooks()
+
+
+def _state(site, layer, branch=0):
+    st = engine._state(site, layer.anchor)
+    return st, st.branches[branch]
+
+
+def _kinds(site, layer, steps, x_of=inputs, **kw):
+    """Run ``steps`` forwards; return [(kind, trace, dense trace)]."""
+    out = []
+    for s in range(steps):
+        x = x_of(s)
+        tr = forward(site, layer, x, **kw)
+        out.append((engine._state(site, layer.anchor).current.kind, tr, dense_forward(layer, x, kw.get("kpm"))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full density = dense
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [None, {"policy": "dense"}, {"policy": "dense", "block_q": 32}])
+def test_dense_policy_equals_sdpa_every_step(options):
+    site = make_site(options)
+    L = Layer.random(dtype=torch.float32)
+    kpm = torch.ones(1, 200, dtype=torch.bool)
+    kpm[:, 180:] = False
+    for s in range(6):
+        x = inputs(s, dtype=torch.float32)
+        tr, ref = forward(site, L, x, kpm=kpm), dense_forward(L, x, kpm)
+        assert torch.equal(tr.out, ref.out) and torch.equal(tr.y, ref.y)
+        assert tr.out.transpose(1, 2).is_contiguous()      # the [B, N, H, D] memory-order promise
+
+
+def _noop_hook(spec, step, scores, symbols):
+    return None     # a hook forces the sparse kernels on (the engine cannot know it keeps everything)
+
+
+@pytest.mark.parametrize("policy,args", [("flashomni", dict(tau_kv=0.0, cache_fraction=0.0, layer_threshold=0.0)),
+                                         ("pooled_qk", dict(tau_kv=0.0)), ("qcache", dict(fraction=0.0))])
+@pytest.mark.parametrize("through_kernels", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_thresholds_zero_equal_dense(policy, args, through_kernels, dtype):
+    site = make_site(dict(SPARSE, policy=policy, policy_args=args, taylor_order=1,
+                          symbol_hook=_noop_hook if through_kernels else None))
+    L = Layer.random(dtype=dtype)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    runs = _kinds(site, L, STEPS, x_of=lambda s: inputs(s, dtype=dtype))
+    assert {k for k, _, _ in runs} == {"update", "dispatch"}
+    for kind, tr, ref in runs:
+        assert rel(tr.out, ref.out) < tol, kind
+        assert rel(tr.y, ref.y) < tol, kind
+    _, br = _state(site, L)
+    assert br.symbols.q_keep.all() and br.symbols.kv_keep.all()
+    assert br.q_sparse == through_kernels and br.kv_sparse == through_kernels
+
+
+# ---------------------------------------------------------------------------------------------------
+# Update steps = dense; dispatch steps = the reference semantics with the stored symbols + cache
+# ---------------------------------------------------------------------------------------------------
+def _taylor(history, step, order):
+    """Independent TaylorSeer extrapolation from [(step, output)] of the updates so far."""
+    (s0, f0) = history[-1]
+    k = min(order, len(history) - 1)
+    if k == 0:
+        return f0
+    d = s0 - history[-2][0]
+    d1 = (f0 - history[-2][1]) / d
+    delta = step - s0
+    if k == 1:
+        return f0 + delta * d1
+    s2, f2 = history[-3]
+    d1_prev = (history[-2][1] - f2) / (history[-2][0] - s2)
+    d2 = (d1 - d1_prev) / d
+    return f0 + delta * d1 + delta * delta / 2 * d2
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.parametrize("head_dim,text_first", [(64, True), (72, False)])
+def test_update_dense_and_dispatch_reference(order, head_dim, text_first):
+    H, T = 2, 40
+    site = make_site(dict(SPARSE, taylor_order=order, interval=2, warmup=1), head_dim=head_dim,
+                     text_first=text_first)
+    L = Layer.random(head_dim=head_dim)
+    # text rows are the text stream only when text comes first; otherwise use one stream
+    streams = text_first
+    history, seen_sparse = [], False
+    for s in range(STEPS):
+        x = inputs(s, width=H * head_dim)
+        tr, ref = forward(site, L, x, streams=streams), dense_forward(L, x, streams=streams)
+        st, br = _state(site, L)
+        kind = st.current.kind
+        if kind == "update":
+            assert torch.equal(tr.out, ref.out)
+            assert rel(tr.y, ref.y) < TOL64
+            history.append((s, tr.out.clone()))
+            continue
+        sym = br.symbols
+        seen_sparse |= bool((~sym.q_keep).any()) and bool((~sym.kv_keep).any())
+        cache = _taylor(history, s, order)
+        count, index = kv_block_lists(sym.kv_keep)
+        q_ref = ref.q.clone()
+        want, _ = sparse_attention_ref(q_ref, tr.k, tr.v, sym.q_keep, count, index, cache, None, head_dim ** -0.5,
+                                       32, 32)
+        assert rel(tr.out, want) < TOL64
+        # GEMM-Q computed exactly the kept tiles (the others are never read by attention)
+        rows = sym.q_keep.repeat_interleave(32, dim=-1)[..., :200]                  # [B, H, N]
+        assert torch.allclose(tr.q[rows.unsqueeze(-1).expand_as(tr.q)], ref.q[rows.unsqueeze(-1).expand_as(tr.q)])
+        # GEMM-O: the projection of exactly what attention() returned
+        assert rel(tr.y, dense_forward_o(L, tr.a, streams)) < TOL64
+    assert seen_sparse, "the schedule/policy never produced sparse symbols: the test would prove nothing"
+
+
+def dense_forward_o(L, a, streams):
+    T = L.text_len
+    if streams:
+        return torch.cat([F.linear(a[:, :T], L.wo_txt, L.bo_txt), F.linear(a[:, T:], L.wo_img, L.bo_img)], dim=1)
+    return F.linear(a, L.wo_img, L.bo_img)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_gemm_o_consistent_with_attention_output(order):
+    site = make_site(dict(SPARSE, taylor_order=order, interval=4))
+    L = Layer.random(dtype=torch.float32)
+    n_dispatch = 0
+    for kind, tr, _ in _kinds(site, L, STEPS, x_of=lambda s: inputs(s, dtype=torch.float32)):
+        assert rel(tr.y, dense_forward_o(L, tr.a, True)) < 1e-5, kind
+        n_dispatch += kind == "dispatch"
+    assert n_dispatch >= 3
+    _, br = _state(site, L)
+    assert (~br.symbols.q_keep).any()
+    assert br.cache.active_order == order
+
+
+def test_single_stream_extra_range():
+    """Flux single-stream blocks: linear_o over cat(attn, mlp) with the MLP part dense."""
+    site = make_site(dict(SPARSE, taylor_order=1))
+    L = Layer.random()
+    g = torch.Generator().manual_seed(3)
+    mlp_w = torch.randn(128, 96, generator=g, dtype=torch.float64) / 10
+    for s in range(STEPS):
+        x = inputs(s)
+        B, N, _ = x.shape
+        q = engine.linear_q(site, L.anchor, x, L.wq_img, L.bq_img, 0, 128)
+        k, v = F.linear(x, L.wk), F.linear(x, L.wv)
+        out = engine.attention(site, L.anchor, *(t.view(B, N, 2, 64).transpose(1, 2) for t in (q, k, v)), None, 0.125)
+        a = out.transpose(1, 2).reshape(B, N, 128)
+        mlp = torch.randn(B, N, 96, generator=g, dtype=torch.float64)
+        y = engine.linear_o(site, L.anchor, a, L.wo_img, L.bo_img, 0, mlp, mlp_w)
+        assert rel(y, F.linear(torch.cat([a, mlp], -1), torch.cat([L.wo_img, mlp_w], 1), L.bo_img)) < TOL64
+
+
+def test_attention_only_site_and_key_padding():
+    """A site with no fused projections (pass begins at attention) and a key padding mask."""
+    site = make_site(dict(SPARSE, taylor_order=1), pieces=("attention",))
+    L = Layer.random()
+    kpm = torch.ones(1, 200, dtype=torch.bool)
+    kpm[:, 150:] = False
+    kinds = []
+    for s in range(STEPS):
+        x = inputs(s)
+        tr, ref = forward(site, L, x, kpm=kpm, fused=False), dense_forward(L, x, kpm)
+        st, br = _state(site, L)
+        kinds.append(st.current.kind)
+        if st.current.kind == "update":
+            assert torch.equal(tr.out, ref.out)
+        else:
+            sym = br.symbols
+            want, _ = sparse_attention_ref(tr.q, tr.k, tr.v, sym.q_keep, *kv_block_lists(sym.kv_keep),
+                                           br.cache.at(s), kpm, 0.125, 32, 32)
+            assert rel(tr.out, want) < TOL64
+    assert kinds == ["update", "update", "update", "dispatch", "dispatch", "update", "dispatch", "dispatch",
+                     "update", "update"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-layer state, CFG branches, steps
+# ---------------------------------------------------------------------------------------------------
+def test_two_anchors_keep_separate_state():
+    site = make_site(dict(SPARSE, taylor_order=1))
+    A, B = Layer.random(seed=0), Layer.random(seed=5)
+    xa = lambda s: inputs(s, seed=1)  # noqa: E731
+    xb = lambda s: inputs(s, seed=9)  # noqa: E731
+    both = [(forward(site, A, xa(s)).y, forward(site, B, xb(s)).y) for s in range(STEPS)]
+    assert len(all_layer_states()) == 2
+    # the layers really hold different state (else the comparison below proves nothing)
+    sa, sb = engine._state(site, A.anchor).branches[0], engine._state(site, B.anchor).branches[0]
+    assert not torch.equal(sa.cache.terms[0], sb.cache.terms[0])
+    engine.reset()
+    alone_a = [forward(site, A, xa(s)).y for s in range(STEPS)]
+    engine.reset()
+    alone_b = [forward(site, B, xb(s)).y for s in range(STEPS)]
+    for (ya, yb), ra, rb in zip(both, alone_a, alone_b):
+        assert torch.equal(ya, ra) and torch.equal(yb, rb)
+
+
+def test_cfg_two_calls_with_set_step_get_branches():
+    """With set_step, the second call of a step is branch 1: cond and uncond keep separate caches."""
+    site = make_site(dict(SPARSE, taylor_order=1))
+    L = Layer.random()
+    cond = lambda s: inputs(s, seed=1)    # noqa: E731
+    uncond = lambda s: inputs(s, seed=2)  # noqa: E731
+    got = []
+    for s in range(STEPS):
+        set_step(s, STEPS)
+        got.append((forward(site, L, cond(s)).y, forward(site, L, uncond(s)).y))
+    st = engine._state(site, L.anchor)
+    assert len(st.branches) == 2 and st.stats.dispatches > 0
+    clear_step()
+    engine.reset()
+    alone = [forward(site, L, uncond(s)).y for s in range(STEPS)]
+    for (_, yu), ra in zip(got, alone):
+        assert torch.equal(yu, ra)
+
+
+def test_counted_steps_wrap_and_new_run_resets_history():
+    site = make_site(dict(SPARSE, taylor_order=2))
+    L = Layer.random()
+    first = [forward(site, L, inputs(s)).y for s in range(STEPS)]
+    second = [forward(site, L, inputs(s)).y for s in range(STEPS)]     # counted: wraps at total_steps
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_cfg_two_calls_counted_counts_two_steps():
+    site = make_site(dict(SPARSE, total_steps=None))
+    L = Layer.random()
+    for s in range(3):
+        forward(site, L, inputs(s, seed=1))
+        forward(site, L, inputs(s, seed=2))
+    assert engine._state(site, L.anchor).counted_step == 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch-step hygiene
+# ---------------------------------------------------------------------------------------------------
+# host syncs (.item(), bool(t), tolist) and ops whose output size depends on the data
+_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique2", "argwhere"}
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every aten op (the custom ops' CPU bodies run below this mode and are not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_recorder_sees_syncs():
+    with _Recorder() as r:
+        torch.ones(3).sum().item()
+        torch.ones(3).nonzero()
+    assert {"_local_scalar_dense", "nonzero"} <= set(r.ops)
+
+
+@pytest.mark.parametrize("order", [0, 2])
+def test_dispatch_no_sync_no_state_allocation(order):
+    site = make_site(dict(SPARSE, taylor_order=order, interval=4, warmup=3))
+    L = Layer.random(dtype=torch.float32)
+    x = lambda s: inputs(s, dtype=torch.float32)  # noqa: E731
+    for s in range(4):
+        forward(site, L, x(s))                     # warm-up (3 steps) + the first scheduled update
+    st = engine._state(site, L.anchor)
+    before = [(t.data_ptr(), t.shape) for t in st.tensors()]
+    assert before
+    for s in range(4, 7):
+        with _Recorder() as r:
+            forward(site, L, x(s))
+        assert st.current.kind == "dispatch"
+        bad = sorted(set(r.ops) & _SYNC_OPS)
+        assert not bad, f"dispatch step ran {bad}"
+        assert "scaled_dot_product_attention" not in r.ops and "_scaled_dot_product_flash_attention_for_cpu" not in r.ops
+        assert [(t.data_ptr(), t.shape) for t in st.tensors()] == before
+    forward(site, L, x(7))                          # an update writes in place too
+    assert st.current.kind == "update"
+    assert [(t.data_ptr(), t.shape) for t in st.tensors()] == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hooks, cap, overrides, stats
+# ---------------------------------------------------------------------------------------------------
+def test_hook_edits_symbols_and_dispatch_follows():
+    def band(spec, step, scores, symbols):
+        nqb, nkb = symbols.kv_keep.shape[-2:]
+        i, j = torch.arange(nqb)[:, None], torch.arange(nkb)[None, :]
+        symbols.kv_keep &= (i - j).abs() <= 1
+
+    seen = []
+    site = make_site(dict(SPARSE, policy="dense", policy_args={},
+                          symbol_hook=lambda spec, step, scores, sym: seen.append((spec.name, step, scores.shape))))
+    L = Layer.random()
+    with register_symbol_hook(band):
+        for s in range(5):
+            tr = forward(site, L, inputs(s))
+    st, br = _state(site, L)
+    nqb = br.symbols.kv_keep.shape[-1]
+    i, j = torch.arange(nqb)[:, None], torch.arange(nqb)[None, :]
+    assert torch.equal(br.symbols.kv_keep[0, 0], (i - j).abs() <= 1)
+    assert seen[0] == ("blocks.0.attn", 0, (1, 2, 7, 7)) and len(seen) == st.stats.updates
+    assert st.current.kind == "dispatch"
+    want, _ = sparse_attention_ref(tr.q, tr.k, tr.v, None, *kv_block_lists(br.symbols.kv_keep), None, None, 0.125,
+                                   32, 32)
+    assert rel(tr.out, want) < TOL64
+
+
+def test_hook_bad_result_is_reported():
+    site = make_site(dict(SPARSE, symbol_hook=lambda spec, step, scores, sym: "nope"))
+    with pytest.raises(TypeError, match="returned str"):
+        forward(site, Layer.random(), inputs(0))
+
+
+@pytest.mark.parametrize("cap_mb,order", [(None, 2), (1.6, 2), (1.5, 1), (1.2, 1), (0.5, 0), (0.3, -1)])
+def test_cache_cap_lowers_order(cap_mb, order):
+    # one term: 1*2*200*64*8 B = 0.195 MiB of features + the same of GEMM-O terms; order k keeps k+1 terms
+    # of each plus (k > 0) one extrapolation buffer of each: 0.39 / 1.17 / 1.56 MiB for orders 0 / 1 / 2
+    site = make_site(dict(SPARSE, taylor_order=2, cache_cap_mb=cap_mb, warmup=3))
+    L = Layer.random()
+    runs = _kinds(site, L, STEPS)
+    st, br = _state(site, L)
+    if order < 0:
+        assert br.cache is None and br.symbols.q_keep.all() and st.stats.cache_bytes == 0
+    else:
+        assert br.cache.order == order and 0 < st.stats.cache_bytes
+        if cap_mb is not None:
+            assert st.stats.cache_bytes <= cap_mb * 2**20
+    for kind, tr, ref in runs:
+        assert rel(tr.y, dense_forward_o(L, tr.a, True)) < TOL64
+
+
+def test_site_overrides_apply_by_name():
+    opts = dict(SPARSE, site_overrides={"blocks.1.*": {"policy": "dense", "policy_args": {}}})
+    s0, s1 = make_site(opts, name="blocks.0.attn"), make_site(opts, name="blocks.1.attn")
+    L = Layer.random()
+    forward(s0, L, inputs(0))
+    forward(s1, L, inputs(0))
+    assert engine._state(s0, L.anchor) is not None
+    assert engine._state(s1, L.anchor) is None          # dense: no state at all
+
+
+def test_stats_report():
+    from flashomni_compile.runtime.stats import site_stats, stats_report
+
+    site = make_site(SPARSE)
+    L = Layer.random()
+    _kinds(site, L, STEPS)
+    (s,) = site_stats()
+    assert (s.name, s.layers, s.updates, s.dispatches) == ("blocks.0.attn", 1, 6, 4)
+    assert 0 < s.q_density < 1 and 0 < s.kv_density < 1 and s.cache_mib > 0
+    assert s.ms_per_update > 0 and s.ms_per_dispatch > 0
+    text = stats_report()
+    assert "blocks.0.attn" in text and "kv-density" in text
+    assert math.isclose(float(engine._state(site, L.anchor).branches[0].symbols.q_density()), s.q_density)
