@@ -50,7 +50,7 @@ def header(command: Optional[str] = None) -> dict:
         "cuda": torch.version.cuda,
         "command": command or " ".join(shlex.quote(a) for a in ["python"] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": git_sha(),
+        "git_sha": os.environ.get("GIT_SHA") or git_sha(),  # GIT_SHA: where the tree travels without .git
     }
 
 
