@@ -25,6 +25,7 @@ and the speed-quality plot to ``docs/quality_pareto.png``.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import sys
@@ -109,6 +110,16 @@ def backend_options(policy: str, params: dict, total_steps: int) -> dict:
 def _first_lines(e: Exception, n: int = 2) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return f"{type(e).__name__}: " + " ".join(lines[:n])
+
+
+def flashomni(options: dict):
+    """The backend for ``torch.compile``: the name ``"flashomni"`` when the package is installed (entry
+    point), else the backend function with the options bound (e.g. a checkout on ``PYTHONPATH``)."""
+    if "flashomni" in torch._dynamo.list_backends(exclude_tags=()):
+        return "flashomni", options
+    from flashomni_compile.backend import flashomni_backend
+
+    return functools.partial(flashomni_backend, options=options), None
 
 
 def step_callback() -> Optional[Callable[[int, int], None]]:
@@ -231,9 +242,10 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
                        status=f"skipped: {missing}")
                 continue
             reset_runtime()
-            compiled = torch.compile(model, backend="flashomni", options=backend_options(policy, params, args.steps))
-            run = runner(compiled, step_callback())
             try:
+                backend, options = flashomni(backend_options(policy, params, args.steps))
+                compiled = torch.compile(model, backend=backend, options=options)
+                run = runner(compiled, step_callback())
                 out = run()  # verify before timing (this call also compiles)
             except Exception as e:  # report, do not hide: the run goes on with the next configuration
                 record("flashomni", policy, params, None, None, ref, base_ms, eager_ms,
