@@ -11,12 +11,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from flashomni_compile.runtime import engine
+from flashomni_compile.runtime.controller import clear_step
+from flashomni_compile.runtime.hooks import clear_symbol_hooks
 from flashomni_compile.runtime.options import RuntimeOptions
 from flashomni_compile.runtime.spec import SiteSpec, register_site
+
+
+@pytest.fixture(autouse=True)
+def fresh_runtime():
+    """Every runtime test starts and ends with no state, no explicit step and no hooks
+    (import it into a test module to make it apply there)."""
+    engine.reset()
+    clear_step()
+    clear_symbol_hooks()
+    yield
+    engine.reset()
+    clear_step()
+    clear_symbol_hooks()
 
 
 def make_site(options, *, heads=2, head_dim=64, seq=200, text_len=40, text_first=True, grid=None,

@@ -17,28 +17,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from flashomni_compile.kernels.attention import sparse_attention_ref
 from flashomni_compile.runtime import engine
 from flashomni_compile.runtime.controller import clear_step, set_step
-from flashomni_compile.runtime.hooks import clear_symbol_hooks, register_symbol_hook
+from flashomni_compile.runtime.hooks import register_symbol_hook
 from flashomni_compile.runtime.state import all_layer_states
 from flashomni_compile.symbols import kv_block_lists
 
-from _runtime_util import Layer, dense_forward, forward, inputs, make_site, rel
+from _runtime_util import Layer, dense_forward, forward, fresh_runtime, inputs, make_site, rel  # noqa: F401
 
 TOL64 = 1e-10
 STEPS = 10
 # An aggressive schedule and policy so that dispatch steps really skip and cache.
 SPARSE = dict(block_q=32, block_kv=32, warmup=2, interval=3, last_dense=1, total_steps=STEPS,
               policy="flashomni", policy_args=dict(tau_kv=0.3, cache_fraction=0.5, layer_threshold=0.0))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runtime():
-    engine.reset()
-    clear_step()
-    clear_symbol_hooks()
-    yield
-    engine.reset()
-    clear_step()
-    clear_symbol_hooks()
 
 
 def _state(site, layer, branch=0):
