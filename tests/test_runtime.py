@@ -304,8 +304,10 @@ def test_dispatch_no_sync_no_state_allocation(order):
         assert not bad, f"dispatch step ran {bad}"
         assert "scaled_dot_product_attention" not in r.ops and "_scaled_dot_product_flash_attention_for_cpu" not in r.ops
         assert [(t.data_ptr(), t.shape) for t in st.tensors()] == before
-    forward(site, L, x(7))                          # an update writes in place too
+    with _Recorder() as r:
+        forward(site, L, x(7))                      # an update writes in place and does not sync either
     assert st.current.kind == "update"
+    assert not set(r.ops) & {"_local_scalar_dense", "item"}
     assert [(t.data_ptr(), t.shape) for t in st.tensors()] == before
 
 
@@ -383,3 +385,27 @@ def test_stats_report():
     text = stats_report()
     assert "blocks.0.attn" in text and "kv-density" in text
     assert math.isclose(float(engine._state(site, L.anchor).branches[0].symbols.q_density()), s.q_density)
+
+
+def test_dispatch_through_triton_kernels(monkeypatch):
+    """The same loop on the Triton kernels (interpreter on CPU): dispatch = reference semantics, GEMM-O
+    consistent with the attention output. Slow under the interpreter, so one configuration only."""
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in __import__("os").environ:
+        pytest.skip("no GPU and the Triton interpreter is not enabled")
+    monkeypatch.setenv("FLASHOMNI_FORCE_TRITON", "1")
+    site = make_site(dict(SPARSE, taylor_order=1, interval=4, total_steps=7))
+    L = Layer.random(dtype=torch.float32)
+    n_dispatch = 0
+    for s in range(7):
+        x = inputs(s, dtype=torch.float32)
+        tr = forward(site, L, x)
+        st, br = _state(site, L)
+        assert rel(tr.y, dense_forward_o(L, tr.a, True)) < 1e-5
+        if st.current.kind == "dispatch":
+            n_dispatch += 1
+            sym = br.symbols
+            assert (~sym.q_keep).any() and (~sym.kv_keep).any()
+            want, _ = sparse_attention_ref(tr.q, tr.k, tr.v, sym.q_keep, *kv_block_lists(sym.kv_keep), br.cache.at(s),
+                                           None, 0.125, 32, 32)
+            assert rel(tr.out, want) < 2e-3      # conftest.REL_TOL for float32 kernels
+    assert n_dispatch == 3
