@@ -1,0 +1,159 @@
+"""End to end: a denoising loop of a full-size DiT, Inductor dense vs flashomni (default policy), one run.
+
+    python benchmarks/bench_e2e.py                       # GPU: HunyuanVideo ~33K tokens + Flux 1024^2
+    python benchmarks/bench_e2e.py --tiny --steps 6      # CPU smoke run at toy sizes
+
+Both implementations run the same Euler flow-matching loop (``x <- x + (t_next - t) * v``) from the same
+noise, with regional compilation (diffusers' ``compile_repeated_blocks``: one compile per block class,
+per-layer state in flashomni's runtime). The baseline is ``backend="inductor"`` with SDPA's default
+backend. flashomni runs its default policy and schedule (``RuntimeOptions`` defaults) with
+``total_steps`` set, so the last step is an update step.
+
+Per step the loop synchronises and reads a host clock (the benchmark's own syncs, outside the model);
+``update_step_ms`` / ``dispatch_step_ms`` are medians over the steps of each kind (Inductor: every
+step is dense, reported as ``update_step_ms``); ``total_s`` sums every step after a warm-up loop (the
+first loop compiles and is not counted). ``rel_l2`` is ``||x_final - x_final_dense|| / ||x_final_dense||``
+against the Inductor run. Random weights: speed only, quality is measured on the trained tiny DiT
+(``bench_quality.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import format_table, header, rel_err, write_results  # noqa: E402
+from _models import flux, hunyuan_video  # noqa: E402
+
+from flashomni_compile.runtime import engine  # noqa: E402
+from flashomni_compile.runtime.controller import clear_step, set_step, step_kind  # noqa: E402
+from flashomni_compile.runtime.options import RuntimeOptions  # noqa: E402
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _latents_key(name: str) -> str:
+    return "hidden_states"
+
+
+def _timestep(name: str, t: float, device) -> torch.Tensor:
+    # Flux takes t in [0, 1] (it scales by 1000 inside); HunyuanVideo takes t in [0, 1000].
+    return torch.tensor([t if name == "flux" else t * 1000.0], device=device)
+
+
+def denoise(model, kw: dict, name: str, steps: int, x0: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """Euler flow matching from t=1 to t=0; returns the final latent and each step's milliseconds."""
+    ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    x = x0.clone()
+    times = []
+    for i in range(steps):
+        set_step(i, steps)
+        args = dict(kw, **{_latents_key(name): x, "timestep": _timestep(name, ts[i], x.device)})
+        _sync()
+        t0 = time.perf_counter()
+        v = model(**args)[0]
+        x = x + (ts[i + 1] - ts[i]) * v.to(x.dtype)
+        _sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    clear_step()
+    return x, times
+
+
+def run_model(name: str, args, device, dtype) -> list[dict]:
+    if name == "flux":
+        model, kw, cfg = flux(args.tiny, args.flux_double, args.flux_single, dtype, device, hw=64)
+    else:
+        model, kw, cfg = hunyuan_video(args.tiny, args.hv_double, args.hv_single, dtype, device,
+                                       thw=tuple(int(v) for v in args.hv_thw.split(",")))
+    x0 = kw[_latents_key(name)].clone()
+    tokens = None
+    records = []
+    final = {}
+    opts = RuntimeOptions(total_steps=args.steps)
+    for impl in ("inductor", "flashomni"):
+        torch._dynamo.reset()
+        engine.reset()
+        if impl == "inductor":
+            model.compile_repeated_blocks(backend="inductor", fullgraph=True)
+        else:
+            model.compile_repeated_blocks(backend="flashomni", fullgraph=True,
+                                          options={"runtime": {"total_steps": args.steps}})
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            denoise(model, kw, name, args.steps, x0)                 # warm-up loop: compiles
+            warm_s = time.perf_counter() - t0
+            x, times = denoise(model, kw, name, args.steps, x0)
+        kinds = ["update"] * args.steps if impl == "inductor" else \
+            [step_kind(i, args.steps, opts) for i in range(args.steps)]
+        upd = [t for t, k in zip(times, kinds) if k == "update"]
+        dis = [t for t, k in zip(times, kinds) if k == "dispatch"]
+        final[impl] = x.float()
+        tokens = tokens or _tokens(name, kw, model)
+        rec = {"model": "hunyuan_video" if name == "hunyuan_video" else "flux", "tokens": tokens,
+               "steps": args.steps, "impl": impl, "total_s": sum(times) / 1e3, "first_loop_s": warm_s,
+               "update_step_ms": statistics.median(upd) if upd else None,
+               "dispatch_step_ms": statistics.median(dis) if dis else None,
+               "n_update": len(upd), "n_dispatch": len(dis),
+               "layers": {k: v for k, v in cfg.items() if k in ("num_layers", "num_single_layers")}}
+        records.append(rec)
+    records[1]["rel_l2"] = rel_err(final["flashomni"], final["inductor"])
+    records[0]["rel_l2"] = 0.0
+    base, ours = records
+    ours["speedup"] = base["total_s"] / ours["total_s"]
+    if ours["dispatch_step_ms"]:
+        ours["dispatch_speedup"] = base["update_step_ms"] / ours["dispatch_step_ms"]
+    del model, kw
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return records
+
+
+def _tokens(name: str, kw: dict, model) -> int:
+    x = kw["hidden_states"]
+    if name == "flux":
+        return x.shape[1] + kw["encoder_hidden_states"].shape[1]
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    t, h, w = x.shape[2:]
+    return (t // pt) * (h // p) * (w // p) + kw["encoder_hidden_states"].shape[1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="toy sizes, float32, CPU allowed")
+    p.add_argument("--models", default="flux,hunyuan_video")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--flux-double", type=int, default=19)
+    p.add_argument("--flux-single", type=int, default=38)
+    p.add_argument("--hv-double", type=int, default=20)
+    p.add_argument("--hv-single", type=int, default=40)
+    p.add_argument("--hv-thw", default="13,80,128", help="latent frames,height,width (patch 1x2x2): "
+                   "13,80,128 -> 33,280 video tokens")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.tiny:
+        p.error("full sizes need a GPU; use --tiny on CPU")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    out = args.out or ("benchmarks/results/e2e_tiny_cpu.json" if args.tiny else "benchmarks/results/e2e_h100.json")
+    records = []
+    for name in args.models.split(","):
+        records += run_model(name, args, device, dtype)
+        write_results(out, header(), records)          # after each model: a later time-out keeps these
+    print(format_table(records, ["model", "tokens", "impl", "total_s", "update_step_ms", "dispatch_step_ms",
+                                 "n_dispatch", "speedup", "dispatch_speedup", "rel_l2"]))
+
+
+if __name__ == "__main__":
+    main()
