@@ -204,9 +204,6 @@ def test_launcher_rejects_bad_blocks(device):
     q = torch.randn(1, 2, 96, 64, device=device)
     with pytest.raises(ValueError, match="block_kv=48"):
         sparse_attention_triton(q, q, q, None, None, None, None, None, 0.125, 64, 48)
-    with pytest.raises(ValueError, match="cache is required"):
-        sparse_attention_triton(q, q, q, torch.ones(1, 2, 2, dtype=torch.bool, device=device),
-                                None, None, None, None, 0.125, 64, 64)
 
 
 # ---------------------------------------------------------------------------------------------------
