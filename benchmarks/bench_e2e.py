@@ -88,7 +88,7 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
             model.compile_repeated_blocks(backend="inductor", fullgraph=True)
         else:
             model.compile_repeated_blocks(backend="flashomni", fullgraph=True,
-                                          options={"runtime": {"total_steps": args.steps}})
+                                          options={"policy": "flashomni", "total_steps": args.steps})
         with torch.no_grad():
             t0 = time.perf_counter()
             denoise(model, kw, name, args.steps, x0)                 # warm-up loop: compiles

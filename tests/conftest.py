@@ -32,3 +32,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _restore_policy_registry():
+    """Tests may register policies; the registry is process-global, so each test gets it back as it was."""
+    from flashomni_compile.runtime import policies
+
+    saved = dict(policies._REGISTRY)
+    yield
+    policies._REGISTRY.clear()
+    policies._REGISTRY.update(saved)

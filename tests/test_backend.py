@@ -24,12 +24,14 @@ def test_entry_point_name_is_registered():
 
 
 @pytest.mark.parametrize("options,fragment", [
-    ({"polcy": "dense"}, "unknown flashomni option(s) 'polcy'; valid: policy, dump_dir"),
+    ({"polcy": "dense"}, "unknown flashomni option(s) 'polcy'; valid: dump_dir, inner_backend"),
     ({"policy": "nope"}, "valid: dense"),
+    ({"interval": 0}, "'interval'=0 is not valid"),
     ({"inner_backend": "tvm"}, "valid: inductor, eager, aot_eager"),
     ({"block_q": 100}, "power of two"),
     ({"fuse_gemm_q": 1}, "True or False"),
-    ({"runtime": 3}, "must be a dict"),
+    ({"inductor": 3}, "must be a dict"),
+    ({"runtime": {"interval": 2}}, "unknown flashomni option(s) 'runtime'"),
 ])
 def test_bad_options_raise_with_valid_choices(options, fragment):
     with pytest.raises(ValueError) as e:
@@ -45,9 +47,10 @@ def test_bad_option_surfaces_through_torch_compile():
 
 def test_mode_and_env_dump_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("FLASHOMNI_DUMP_DIR", str(tmp_path))
-    cfg = FlashOmniConfig.from_options({"runtime": {"schedule": "x"}}, mode="max-autotune")
-    assert cfg.mode == "max-autotune" and cfg.dump_dir == str(tmp_path) and cfg.runtime["schedule"] == "x"
-    flashomni_compile.register_policy("test_only_policy")
+    cfg = FlashOmniConfig.from_options({"interval": 5, "block_q": 64}, mode="max-autotune")
+    assert cfg.mode == "max-autotune" and cfg.dump_dir == str(tmp_path)
+    assert (cfg.runtime.interval, cfg.block_q, cfg.policy) == (5, 64, "flashomni")   # flat run-time keys
+    flashomni_compile.register_policy("test_only_policy", flashomni_compile.DensePolicy)
     assert FlashOmniConfig.from_options({"policy": "test_only_policy"}).policy == "test_only_policy"
 
 

@@ -59,12 +59,13 @@ def test_from_dict_unknown_key_lists_valid():
 def test_resolve_from_backend_config():
     from flashomni_compile.config import FlashOmniConfig
 
-    cfg = FlashOmniConfig(policy="flashomni", block_q=64, runtime={"interval": 2, "taylor_order": 0})
-    o = resolve_options(cfg)
+    cfg = FlashOmniConfig.from_options({"policy": "flashomni", "block_q": 64, "interval": 2, "taylor_order": 0})
+    o = resolve_options(cfg.runtime)
     assert (o.policy, o.block_q, o.block_kv, o.interval, o.taylor_order) == ("flashomni", 64, 128, 2, 0)
     assert resolve_options(None) is None
+    assert resolve_options({"interval": 4}).interval == 4
     with pytest.raises(ValueError, match="unknown flashomni run-time option"):
-        resolve_options(FlashOmniConfig(runtime={"bogus": 1}))
+        resolve_options({"bogus": 1})
 
 
 def test_site_override_applies_to_matching_names_only():

@@ -33,7 +33,7 @@ __all__ = ["rewrite_sites", "spec_of"]
 def spec_of(site: AttentionSite, config: FlashOmniConfig) -> SiteSpec:
     return SiteSpec(name=site.name, kind=site.kind, heads=site.heads, head_dim=site.head_dim, seq_q=site.seq_q,
                     seq_kv=site.seq_kv, text_len=site.text_len, text_first=site.text_first, grid=None,
-                    pieces=site.pieces, options=config)
+                    pieces=site.pieces, options=config.runtime)
 
 
 def _replace(g: fx.Graph, old: fx.Node, target, args) -> fx.Node:

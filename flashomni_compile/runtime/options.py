@@ -160,17 +160,10 @@ class RuntimeOptions:
 
 
 def resolve_options(options: Any) -> Optional[RuntimeOptions]:
-    """``SiteSpec.options`` -> ``RuntimeOptions`` or ``None`` (dense).
-
-    Accepts ``None``, a ``RuntimeOptions``, a dict, or the backend's config object (anything with
-    ``policy``, ``block_q``, ``block_kv`` and a ``runtime`` dict: the run-time keys live there).
-    """
+    """``SiteSpec.options`` -> ``RuntimeOptions`` or ``None`` (dense): accepts ``None``, a
+    ``RuntimeOptions`` (what the backend stores) or a dict of run-time options."""
     if options is None or isinstance(options, RuntimeOptions):
         return options
     if isinstance(options, Mapping):
         return RuntimeOptions.from_dict(options)
-    if hasattr(options, "runtime") and hasattr(options, "policy"):
-        d = {"policy": options.policy, "block_q": getattr(options, "block_q", 128),
-             "block_kv": getattr(options, "block_kv", 128), **dict(options.runtime or {})}
-        return RuntimeOptions.from_dict(d)
     raise ValueError(f"SiteSpec.options must be None, a RuntimeOptions or a dict, got {type(options).__name__}")

@@ -522,12 +522,6 @@ def register_policy(name: str, factory: Callable[..., Any]) -> None:
     if not callable(factory):
         raise ValueError(f"policy factory for {name!r} must be callable, got {type(factory).__name__}")
     _REGISTRY[name] = factory
-    try:  # keep the backend's option validation in step (config.py keeps its own list of names)
-        from ..config import register_policy as _config_register
-
-        _config_register(name, factory)
-    except ImportError:  # pragma: no cover - config not importable
-        pass
 
 
 def policy_names() -> tuple[str, ...]:
