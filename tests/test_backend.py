@@ -176,3 +176,9 @@ def test_site_ops_opcheck():
     opcheck(torch.ops.flashomni.site_linear_o.default, (x, w, torch.randn(48), x, torch.randn(48, 32), 0, w, 0))
     out = torch.ops.flashomni.site_attention.default(q, q, q, None, 0, q, 0.25)
     assert out.transpose(1, 2).is_contiguous(), "memory order [B, Nq, H, D]"
+
+
+def test_site_ops_stay_out_of_cuda_graphs():
+    # The step schedule is host logic inside the site ops: a CUDA-graph replay would freeze one step kind.
+    for op in (torch.ops.flashomni.site_attention, torch.ops.flashomni.site_linear_q, torch.ops.flashomni.site_linear_o):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags

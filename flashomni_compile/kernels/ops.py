@@ -199,8 +199,16 @@ def sparse_linear_o(a: Tensor, weight: Tensor, c: Tensor, q_keep: Tensor, *, hea
 # Each takes the index of a registered ``runtime.spec.SiteSpec`` (``site``) and an *anchor*, a weight
 # tensor of the site that differs per layer at run time, and forwards to ``runtime.engine``, which is
 # looked up at call time (tests and the runtime may swap its functions). Outputs are fresh tensors.
+#
+# The update/dispatch decision is host-side Python inside these ops, so a CUDA-graph replay would
+# freeze whichever step kind was recorded: the ops are tagged ``cudagraph_unsafe``, which keeps them out
+# of captured graphs under ``mode="reduce-overhead"`` (Inductor then partitions around them or skips
+# cudagraphs for that graph).
 # ===================================================================================================
-@torch.library.custom_op("flashomni::site_attention", mutates_args=())
+_SITE_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("flashomni::site_attention", mutates_args=(), tags=_SITE_TAGS)
 def site_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], site: int,
                    anchor: Tensor, scale: float) -> Tensor:
     """Attention of site ``site``: ``q [B, H, Nq, D]``, ``k, v [B, H, Nkv, D]``, ``key_padding_mask``
@@ -216,7 +224,7 @@ def _(q, k, v, key_padding_mask, site, anchor, scale):
     return q.new_empty(B, Nq, H, v.shape[-1]).transpose(1, 2)
 
 
-@torch.library.custom_op("flashomni::site_linear_q", mutates_args=())
+@torch.library.custom_op("flashomni::site_linear_q", mutates_args=(), tags=_SITE_TAGS)
 def site_linear_q(x: Tensor, weight: Tensor, bias: Optional[Tensor], site: int, anchor: Tensor,
                   row_offset: int, sparse_cols: int) -> Tensor:
     """Q (or fused QKV) projection of site ``site``: ``x [B, M, K]`` holds rows ``row_offset ...`` of the
@@ -231,7 +239,7 @@ def _(x, weight, bias, site, anchor, row_offset, sparse_cols):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("flashomni::site_linear_o", mutates_args=())
+@torch.library.custom_op("flashomni::site_linear_o", mutates_args=(), tags=_SITE_TAGS)
 def site_linear_o(a: Tensor, weight: Tensor, bias: Optional[Tensor], extra: Optional[Tensor],
                   extra_weight: Optional[Tensor], site: int, anchor: Tensor, row_offset: int) -> Tensor:
     """Output projection of site ``site``: ``y = a @ weight.T + bias (+ extra @ extra_weight.T)`` with
