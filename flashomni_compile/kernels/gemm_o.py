@@ -80,6 +80,12 @@ def _gemm_o_kernel(A, W, C, BIAS, E, EW, Y, KEEP,
     row_ok = (offs_m >= 0) & (offs_m < M)
     col_ok = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_C:
+        # Issued before the reduction so that its latency hides behind it: at low density the tile is
+        # mostly this read and the store (one 8-warp program per SM fits: 150+ registers a thread).
+        C_tile = C + b * stride_cb + m0.to(tl.int64) * stride_cm
+        c = tl.load(C_tile + tl.arange(0, BLOCK_M)[:, None] * stride_cm + offs_n[None, :] * stride_cn, mask=mask, other=0.0)
 
     if USE_TMA:
         row = (b * M + m0).to(tl.int32)             # the tile's row in the [B*M, K] views
@@ -124,10 +130,7 @@ def _gemm_o_kernel(A, W, C, BIAS, E, EW, Y, KEEP,
         acc = dense_k_loop(acc, E, EW, b, m0, n0, M, KE, row_ok, col_ok, stride_eb, stride_em, stride_ek,
                            stride_ewn, stride_ewk, EVEN_KE, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
 
-    mask = row_ok[:, None] & col_ok[None, :]
     if HAS_C:
-        C_tile = C + b * stride_cb + m0.to(tl.int64) * stride_cm
-        c = tl.load(C_tile + tl.arange(0, BLOCK_M)[:, None] * stride_cm + offs_n[None, :] * stride_cn, mask=mask, other=0.0)
         acc += c.to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
