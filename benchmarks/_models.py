@@ -6,7 +6,21 @@ Layer counts are parameters: full size is Flux 19 double + 38 single, HunyuanVid
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    """Build parameters directly in ``dtype``: a full-size model built in fp32 and cast would need
+    both copies at once (HunyuanVideo: 52 GB + 26 GB, more than an H100 holds)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def flux(tiny: bool, double: int, single: int, dtype, device, hw: int = 64, n_txt: int = 512):
@@ -19,7 +33,7 @@ def flux(tiny: bool, double: int, single: int, dtype, device, hw: int = 64, n_tx
         n_txt, hw = 8, 8
     else:  # FLUX.1-dev widths; default 1024x1024 image -> 64x64 packed latent tokens, 512 text tokens
         cfg = dict(num_layers=double, num_single_layers=single, guidance_embeds=True)
-    with torch.device(device):
+    with torch.device(device), _default_dtype(dtype):
         model = FluxTransformer2DModel(**cfg).to(dtype).eval()
         img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(hw * 1.0), torch.arange(hw * 1.0),
                                              indexing="ij"), -1).reshape(-1, 3)
@@ -43,7 +57,7 @@ def hunyuan_video(tiny: bool, double: int, single: int, dtype, device, thw=(9, 6
         # (patch 1x2x2 halves h and w: thw=(9, 60, 104) gives 9 * 30 * 52 = 14040 tokens)
         cfg = dict(num_layers=double, num_single_layers=single)
         t, h, w = thw
-    with torch.device(device):
+    with torch.device(device), _default_dtype(dtype):
         model = HunyuanVideoTransformer3DModel(**cfg).to(dtype).eval()
         c = model.config
         mask = torch.ones(1, n_txt, dtype=torch.int64)
