@@ -20,7 +20,6 @@ SDPA's flash path, so the usual ``transpose(1, 2).reshape(B, Nq, H * D)`` that f
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -277,13 +276,6 @@ _TABLE = {
     ("sm80", 256): KernelConfig(64, 32, 8, 2),
 }
 _INTERP = KernelConfig(64, 64, 4, 1)
-# Small grids (fewer than _SMALL_GRID_WAVES waves of 128-row programs, e.g. N=4608 with 24 heads: 6.5
-# waves on 132 SMs): 64-row programs quantize less and two of them share an SM, hiding each other's
-# prologue and epilogue; TMA loads spare the 4 warps the per-thread address arithmetic. H100, N=4608,
-# D=128: kv density 0.25 0.155 ms vs 0.171 (128x128 table entry), q density 0.5 0.302 vs 0.314; at
-# N=16384 (23 waves) the same config lost 1-5%.
-_SM90_SMALL_GRID = KernelConfig(64, 64, 4, 3, tma=True)
-_SMALL_GRID_WAVES = 8
 
 
 def _arch(device: torch.device) -> str:
@@ -292,25 +284,12 @@ def _arch(device: torch.device) -> str:
     return "sm90" if torch.cuda.get_device_capability(device)[0] == 9 else "sm80"
 
 
-def launch_config(device: torch.device, head_dim: int, programs: Optional[int] = None) -> KernelConfig:
-    """The table's config for ``head_dim`` on ``device`` (before capping by the symbol blocks).
-
-    ``programs``: ``B * H * ceil(Nq / 128)``, the grid at 128-row tiles; small grids on Hopper take
-    ``_SM90_SMALL_GRID`` (see there).
-    """
+def launch_config(device: torch.device, head_dim: int) -> KernelConfig:
+    """The table's config for ``head_dim`` on ``device`` (before capping by the symbol blocks)."""
     arch = _arch(device)
     if arch == "interp":
         return _INTERP
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if (arch == "sm90" and block_d <= 128 and programs is not None
-            and programs < _SMALL_GRID_WAVES * _sm_count(device)):
-        return _SM90_SMALL_GRID
-    return _TABLE[(arch, block_d)]
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _TABLE[(arch, max(16, triton.next_power_of_2(head_dim)))]
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -344,7 +323,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # No cache means no q-block is cached (the public wrapper checks q_keep is all True then):
         # every q-block is computed, and the kernel never touches a cache.
         q_keep = None
-    cfg = config or launch_config(q.device, D, programs=B * H * triton.cdiv(Nq, 128))
+    cfg = config or launch_config(q.device, D)
     block_d = max(16, triton.next_power_of_2(D))
     # Capping by the symbol blocks keeps a kept symbol block a whole number of tiles (powers of two).
     block_m, block_n = min(cfg.block_m, block_q), min(cfg.block_n, block_kv)
