@@ -92,19 +92,21 @@ def backend_status() -> Optional[str]:
     return None
 
 
-# Swept keys that are schedule options of the runtime (``RuntimeOptions``); all others are policy args.
-SCHEDULE_KEYS = ("warmup", "interval", "last_dense", "taylor_order", "cache_cap_mb")
+# Swept keys that are run-time schedule options (``RuntimeOptions``); all others are policy arguments.
+SCHEDULE_KEYS = ("warmup", "interval", "last_dense", "taylor_order", "cache_cap_mb", "block_q", "block_kv")
 
 
 def backend_options(policy: str, params: dict, total_steps: int) -> dict:
-    """``options=`` for ``torch.compile(backend="flashomni")``: the policy name; schedule keys and the
-    policy's thresholds go to the run-time options (``runtime={..., "policy_args": {...}}``)."""
+    """``options=`` for ``torch.compile(backend="flashomni")`` (one flat dict, docs/policies.md): the
+    policy, its arguments under ``policy_args``, swept schedule keys as they are, and the step count."""
     if policy == "dense" and not params:
         return {"policy": "dense"}
-    runtime = {k: v for k, v in params.items() if k in SCHEDULE_KEYS}
-    runtime["policy_args"] = {k: v for k, v in params.items() if k not in SCHEDULE_KEYS}
-    runtime["total_steps"] = total_steps
-    return {"policy": policy, "runtime": runtime}
+    opts = {"policy": policy, "total_steps": total_steps}
+    opts.update({k: v for k, v in params.items() if k in SCHEDULE_KEYS})
+    policy_args = {k: v for k, v in params.items() if k not in SCHEDULE_KEYS}
+    if policy_args:
+        opts["policy_args"] = policy_args
+    return opts
 
 
 def _first_lines(e: Exception, n: int = 2) -> str:
@@ -122,39 +124,45 @@ def flashomni(options: dict):
     return functools.partial(flashomni_backend, options=options), None
 
 
-def step_callback() -> Optional[Callable[[int, int], None]]:
-    """The runtime's ``set_step(i, total)`` if it has one (else the controller counts forwards)."""
+def set_step(step: int, total: int) -> None:
+    """The sampler's per-step callback: tell the run-time controller the step."""
     import flashomni_compile
 
-    fn = getattr(flashomni_compile, "set_step", None)
-    return fn if callable(fn) else None
+    flashomni_compile.set_step(step, total)
 
 
 def reset_runtime() -> None:
-    """Forget compiled graphs and per-site state between configurations."""
+    """Forget compiled graphs and all per-site state and statistics between configurations."""
+    import flashomni_compile
+
     torch._dynamo.reset()
+    flashomni_compile.clear_step()
+    flashomni_compile.reset_runtime()
+
+
+def runtime_density() -> dict:
+    """Attention density actually used, from the runtime's per-site statistics.
+
+    Per site: update steps count as dense; dispatch steps as ``q_density * kv_density`` of the last
+    update (the fraction of (q-block, kv-block) tiles computed when cached rows skip all their kv-blocks).
+    ``density`` is the mean over sites; no statistics (the dense policy keeps none) means 1.0.
+    """
     import flashomni_compile
 
-    fn = getattr(flashomni_compile, "reset", None)
-    if callable(fn):
-        fn()
-
-
-def runtime_density() -> tuple[float, str]:
-    """Mean attention density over sites, read from the runtime's per-site statistics when it has them."""
-    import flashomni_compile
-
-    stats_fn = getattr(flashomni_compile, "site_stats", None)
-    if callable(stats_fn):
-        try:
-            stats = stats_fn()
-            dens = [float(s["density"] if isinstance(s, dict) else s.density) for s in
-                    (stats.values() if isinstance(stats, dict) else stats)]
-            if dens:
-                return sum(dens) / len(dens), "runtime"
-        except (AttributeError, KeyError, TypeError) as e:
-            print(f"  (could not read site statistics: {e!r}; density assumed 1.0)")
-    return 1.0, "assumed"
+    rows = [s for s in flashomni_compile.site_stats() if s.updates + s.dispatches]
+    if not rows:
+        return {"density": 1.0, "density_source": "dense (no statistics)"}
+    per_site, qd, kd = [], [], []
+    for s in rows:
+        q = 1.0 if s.q_density is None else s.q_density
+        kv = 1.0 if s.kv_density is None else s.kv_density
+        per_site.append((s.updates + s.dispatches * q * kv) / (s.updates + s.dispatches))
+        qd.append(q)
+        kd.append(kv)
+    n = len(rows)
+    return {"density": sum(per_site) / n, "density_source": "runtime", "q_density": sum(qd) / n,
+            "kv_density": sum(kd) / n, "dispatch_fraction": sum(s.dispatches for s in rows) /
+            sum(s.updates + s.dispatches for s in rows)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +195,7 @@ def model_inputs(name: str, model, args, device):
     else:
         prompts = list(data.VIDEO_PROMPTS)[: args.num_prompts or None]
         shape = (3, cfg.frames, cfg.sample_size, cfg.sample_size)
-    prompts = [p for p in prompts for _ in range(args.seeds)]
+    prompts = [p for p in prompts for _ in range(args.seeds if name == "image" else args.video_seeds)]
     ids = data.tokenize(prompts, device)
     noise = torch.randn((len(prompts),) + shape, generator=data.make_generator(args.seed, device), device=device)
     return ids, noise
@@ -197,6 +205,7 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
     path = args.weights_dir / f"{name}.safetensors"
     if not path.exists():
         raise SystemExit(f"{path} does not exist: train it first (benchmarks/quality/train.py)")
+    t_start = time.perf_counter()
     model = load_model(path, device, dtype)
     ids, noise = model_inputs(name, model, args, device)
     tokens = model.config.text_len + noise[0, 0].numel() // model.config.patch_size ** 2
@@ -209,14 +218,14 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
 
     records = []
 
-    def record(impl, policy, params, out, ms, ref, base_ms, eager_ms, density=1.0, source="dense", status="ok"):
+    def record(impl, policy, params, out, ms, ref, base_ms, eager_ms, density=None, status="ok"):
         rec = {"model": name, "impl": impl, "policy": policy, "params": params, "tokens": tokens,
                "samples": noise.shape[0], "steps": args.steps, "status": status}
         if out is not None:
-            rec.update(psnr=psnr(out, ref), ssim=ssim(out, ref), rel_l2=rel_l2(out, ref), density=density,
-                       density_source=source, ms=ms,
+            rec.update(psnr=psnr(out, ref), ssim=ssim(out, ref), rel_l2=rel_l2(out, ref), ms=ms,
                        speedup=None if base_ms is None or ms is None else base_ms / ms,
                        speedup_vs_eager=None if ms is None else eager_ms / ms)
+            rec.update(density or {"density": 1.0, "density_source": "dense"})
         records.append(rec)
         print(f"  {impl:9s} {policy:10s} {params}: {status}"
               + (f", {ms:.0f} ms, PSNR {rec['psnr']:.1f} dB" if out is not None and ms is not None else ""),
@@ -241,11 +250,15 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
                 record("flashomni", policy, params, None, None, ref, base_ms, eager_ms,
                        status=f"skipped: {missing}")
                 continue
+            if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+                record("flashomni", policy, params, None, None, ref, base_ms, eager_ms,
+                       status=f"skipped: --time-budget {args.time_budget:g} s spent")
+                continue
             reset_runtime()
             try:
                 backend, options = flashomni(backend_options(policy, params, args.steps))
                 compiled = torch.compile(model, backend=backend, options=options)
-                run = runner(compiled, step_callback())
+                run = runner(compiled, set_step)
                 out = run()  # verify before timing (this call also compiles)
             except Exception as e:  # report, do not hide: the run goes on with the next configuration
                 record("flashomni", policy, params, None, None, ref, base_ms, eager_ms,
@@ -257,9 +270,11 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
                        status=f"FAIL: rel_l2 {err:.3g} vs eager (limit {DENSE_MAX_REL_L2[dtype]:g} at dense)"
                        if torch.isfinite(out).all() else "FAIL: non-finite output")
                 continue
-            density, source = runtime_density()
+            density = runtime_density()  # of the verified loop
             out, ms, _ = timed_loop(run, args.reps)
-            record("flashomni", policy, params, out, ms, ref, base_ms, eager_ms, density, source)
+            record("flashomni", policy, params, out, ms, ref, base_ms, eager_ms, density)
+    if not missing:
+        reset_runtime()
     return records
 
 
@@ -298,7 +313,10 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--shift", type=float, default=1.0)
-    p.add_argument("--seeds", type=int, default=2, help="samples per prompt")
+    p.add_argument("--seeds", type=int, default=2, help="samples per image prompt")
+    p.add_argument("--video-seeds", type=int, default=1, help="samples per video prompt")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds per model; configurations left when it is spent are recorded as skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-prompts", type=int, default=0, help="first N fixed prompts (0: all)")
     p.add_argument("--reps", type=int, default=3)
@@ -326,6 +344,7 @@ def main(argv=None) -> None:
         records += bench_model(name, args, device, dtype)
     head = header()
     head.update(steps=args.steps, guidance=args.guidance, shift=args.shift, seeds=args.seeds,
+                video_seeds=args.video_seeds,
                 model_dtype=str(dtype).replace("torch.", ""), reference="eager dense, same noise",
                 speed_baseline=args.baseline_backend)
     write_results(args.out, head, records)

@@ -138,11 +138,6 @@ def test_metrics():
 
 
 # ------------------------------------------------------------------------------------------ shipped weights
-# Until the first trained weights are committed (the next commit removes this mark).
-pytestmark_weights = pytest.mark.skipif(not IMAGE_WEIGHTS.exists(), reason="weights not trained yet")
-
-
-@pytestmark_weights
 def test_shipped_weights_size():
     for path in (IMAGE_WEIGHTS, VIDEO_WEIGHTS):
         assert path.exists(), f"{path} is missing (benchmarks/quality/train.py writes it)"
@@ -154,7 +149,6 @@ def image_model():
     return load_model(IMAGE_WEIGHTS)
 
 
-@pytestmark_weights
 def test_shipped_image_model_samples(image_model):
     prompts = ["red solid circle center", "blue solid square top-left"]
     ids = data.tokenize(prompts)
@@ -175,7 +169,6 @@ def _inputs_32(seed=0):
                                                                    "triangle bottom-left"])
 
 
-@pytestmark_weights
 def test_compiled_dense_equals_eager(image_model):
     """aot_eager over the whole sampler: equal to eager, traced once (the timestep is a tensor)."""
     torch._dynamo.reset()
@@ -187,7 +180,6 @@ def test_compiled_dense_equals_eager(image_model):
     assert rel_l2(out, ref) < 1e-5
 
 
-@pytestmark_weights
 def test_flashomni_dense_equals_eager(image_model):
     """backend="flashomni" at policy "dense": every joint attention is a site, output equals eager."""
     if importlib.util.find_spec("flashomni_compile.backend") is None:
@@ -230,5 +222,5 @@ def test_bench_policy_grammar():
     with pytest.raises(ValueError, match="key=v1,v2"):
         bench.parse_policy("pooled_qk:tau_kv")
     opts = bench.backend_options("pooled_qk", {"tau_kv": 0.1, "interval": 3}, 20)
-    assert opts == {"policy": "pooled_qk", "runtime": {"interval": 3, "policy_args": {"tau_kv": 0.1},
-                                                       "total_steps": 20}}
+    assert opts == {"policy": "pooled_qk", "total_steps": 20, "interval": 3, "policy_args": {"tau_kv": 0.1}}
+    assert bench.backend_options("dense", {}, 20) == {"policy": "dense"}
