@@ -271,6 +271,9 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
                        if torch.isfinite(out).all() else "FAIL: non-finite output")
                 continue
             density = runtime_density()  # of the verified loop
+            if density["density_source"] == "runtime":
+                import flashomni_compile
+                print(flashomni_compile.stats_report(), end="")
             out, ms, _ = timed_loop(run, args.reps)
             record("flashomni", policy, params, out, ms, ref, base_ms, eager_ms, density)
     if not missing:
@@ -340,14 +343,14 @@ def main(argv=None) -> None:
         print("no GPU: speedups are CPU wall-clock, not the figures that count")
 
     records = []
-    for name in args.models.split(","):
-        records += bench_model(name, args, device, dtype)
     head = header()
     head.update(steps=args.steps, guidance=args.guidance, shift=args.shift, seeds=args.seeds,
                 video_seeds=args.video_seeds,
                 model_dtype=str(dtype).replace("torch.", ""), reference="eager dense, same noise",
                 speed_baseline=args.baseline_backend)
-    write_results(args.out, head, records)
+    for name in args.models.split(","):
+        records += bench_model(name, args, device, dtype)
+        write_results(args.out, head, records)  # after each model: a later failure keeps what was measured
     pareto_plot(records, args.plot)
     print()
     print(format_table([{**r, "params": ",".join(f"{k}={v}" for k, v in r["params"].items())} for r in records],
