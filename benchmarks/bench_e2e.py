@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -53,7 +54,7 @@ def _timestep(name: str, t: float, device) -> torch.Tensor:
 
 
 def denoise(model, kw: dict, name: str, steps: int, x0: torch.Tensor,
-            run_steps: int | None = None) -> tuple[torch.Tensor, list[float]]:
+            run_steps: int | None = None, profile: dict | None = None) -> tuple[torch.Tensor, list[float]]:
     """Euler flow matching from t=1 to t=0 over ``steps`` steps (only the first ``run_steps`` when
     given); returns the latent and each step's milliseconds."""
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
@@ -64,7 +65,14 @@ def denoise(model, kw: dict, name: str, steps: int, x0: torch.Tensor,
         args = dict(kw, **{_latents_key(name): x, "timestep": _timestep(name, ts[i], x.device)})
         _sync()
         t0 = time.perf_counter()
-        v = model(**args)[0]
+        if profile is not None and i in profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                v = model(**args)[0]
+                _sync()
+            profile[i] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70)
+        else:
+            v = model(**args)[0]
         x = x + (ts[i + 1] - ts[i]) * v.to(x.dtype)
         _sync()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -82,7 +90,8 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
     tokens = None
     records = []
     final = {}
-    opts = RuntimeOptions(total_steps=args.steps)
+    runtime = {"total_steps": args.steps, **json.loads(args.runtime)}
+    opts = RuntimeOptions(**runtime)
     for impl in ("inductor", "flashomni"):
         torch._dynamo.reset()
         engine.reset()
@@ -90,13 +99,18 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
             model.compile_repeated_blocks(backend="inductor", fullgraph=True)
         else:
             model.compile_repeated_blocks(backend="flashomni", fullgraph=True,
-                                          options={"policy": "flashomni", "total_steps": args.steps})
+                                          options={"policy": "flashomni", **runtime})
         with torch.no_grad():
             # Warm-up: compiles, and runs the first update and dispatch steps (Triton JIT) once.
             t0 = time.perf_counter()
             denoise(model, kw, name, args.steps, x0, run_steps=min(args.steps, opts.warmup + 2))
             warm_s = time.perf_counter() - t0
             x, times = denoise(model, kw, name, args.steps, x0)
+            if args.profile and impl == "flashomni":   # after the timed loop: one update and one dispatch step
+                steps = {k: None for k in (opts.warmup, opts.warmup + 1)}
+                denoise(model, kw, name, args.steps, x0, run_steps=opts.warmup + 2, profile=steps)
+                for i, table in steps.items():
+                    print(f"--- {name} flashomni step {i} ({step_kind(i, args.steps, opts)}) ---\n{table}")
         kinds = ["update"] * args.steps if impl == "inductor" else \
             [step_kind(i, args.steps, opts) for i in range(args.steps)]
         upd = [t for t, k in zip(times, kinds) if k == "update"]
@@ -108,7 +122,8 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
                "update_step_ms": statistics.median(upd) if upd else None,
                "dispatch_step_ms": statistics.median(dis) if dis else None,
                "n_update": len(upd), "n_dispatch": len(dis),
-               "layers": {k: v for k, v in cfg.items() if k in ("num_layers", "num_single_layers")}}
+               "layers": {k: v for k, v in cfg.items() if k in ("num_layers", "num_single_layers")},
+               "runtime_options": runtime if impl == "flashomni" else None}
         records.append(rec)
     records[1]["rel_l2"] = rel_err(final["flashomni"], final["inductor"])
     records[0]["rel_l2"] = 0.0
@@ -143,6 +158,9 @@ def main():
     p.add_argument("--hv-single", type=int, default=40)
     p.add_argument("--hv-thw", default="13,80,128", help="latent frames,height,width (patch 1x2x2): "
                    "13,80,128 -> 33,280 video tokens")
+    p.add_argument("--runtime", default="{}", help='extra run-time options as JSON, e.g. \'{"taylor_order": 0}\'')
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one update and "
+                   "one dispatch step of flashomni (not timed)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
