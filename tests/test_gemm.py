@@ -14,6 +14,8 @@ from flashomni_compile.kernels.gemm_q import Config
 
 SMALL = Config(32, 32, 32, 2, 4, 1, False)   # pointer loads, 32x32 tiles
 TMA = Config(64, 64, 32, 2, 4, 1, True)      # descriptor loads; 64 columns straddle heads of 72
+SPLIT = Config(32, 128, 32, 2, 4, 1, True, split_n=True)   # wide tiles run as two halves unless both kept
+SPLIT_PTR = SPLIT._replace(tma=False)
 H = 2                                        # attention heads
 
 
@@ -83,6 +85,8 @@ Q_CASES = [
     (torch.float32,   72, 96,  48, 0,   32, 1.0,     True,  True,  1,     SMALL),   # all dense
     (torch.float32,   64, 200, 64, 13,  32, 0.0,     True,  True,  1,     TMA),     # all cached
     (torch.float32,   64, 96,  64, 40,  32, 0.5,     True,  True,  2,     SMALL),   # batch
+    (torch.float16,   64, 200, 64, 77,  32, 0.5,     True,  True,  1,     SPLIT),
+    (torch.float32,   72, 96,  48, 13,  32, 0.25,    False, True,  2,     SPLIT_PTR),
 ]
 
 

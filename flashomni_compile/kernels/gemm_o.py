@@ -156,7 +156,8 @@ def _launch(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[Tenso
             block_q: int, select_kept: bool, config: Optional[Config], out: Optional[Tensor]) -> Tensor:
     B, M, K = a.shape
     N = weight.shape[0]
-    y, cfg, block_m, block_k, first, tiles_m = setup(a, N, out, config, "o", row_offset, block_q)
+    y, cfg, block_m, block_k, first, tiles_m = setup(a, N, out, config, "o" if select_kept else "c", row_offset,
+                                                     block_q)
     if y.numel() == 0:
         return y
     block_k = head_block_k(head_dim, block_k)

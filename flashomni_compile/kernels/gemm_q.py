@@ -19,6 +19,8 @@ Notation (shared with ``gemm_o.py``)::
     USE_TMA          constexpr: operands arrive as Hopper tensor descriptors (bulk copies, zero-filled
                      out of bounds) instead of masked pointer loads; the output is always stored
                      through masked pointers
+    SPLIT_N          constexpr (GEMM-Q): a BLOCK_N tile whose two halves are not both kept runs as two
+                     BLOCK_N/2 tiles, so wide tiles (fast on dense K/V columns) waste no work on Q heads
 
 Row tiles are aligned to the *joint* sequence, not to this call's rows: tile ``t`` covers the joint
 rows ``[t * BLOCK_M, (t + 1) * BLOCK_M)`` and ``BLOCK_M`` divides ``BQ`` (both powers of two, the
@@ -34,6 +36,7 @@ The helpers marked "shared" are imported by ``gemm_o.py``.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -104,12 +107,51 @@ def dense_k_loop(acc, X, W, b, m0, n0, M, K, row_ok, col_ok, stride_xb, stride_x
 
 
 @triton.jit
-def _gemm_q_kernel(X, W, BIAS, Y, KEEP,
+def _col_keep(KEEP, b, qb, n0, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq,
+              HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr):
+    """Keep flag of columns ``n0 .. n0+WIDTH-1``: sparse columns follow their head's symbol in the tile's
+    q-block, dense columns (n >= SPARSE_COLS) are always kept, columns past N never."""
+    offs_n = n0 + tl.arange(0, WIDTH)
+    sparse = offs_n < SPARSE_COLS
+    kv = tl.load(KEEP + b * stride_kb + (offs_n // HEAD_DIM) * stride_kh + qb * stride_kq, mask=sparse, other=0)
+    return tl.where(sparse, kv != 0, offs_n < N)
+
+
+@triton.jit
+def _q_tile(X, W, BIAS, Y, KEEP, b, qb, m0, n0, M, N, K, SPARSE_COLS,
+            stride_xb, stride_xm, stride_xk, stride_wn, stride_wk, stride_yb, stride_ym, stride_yn,
+            stride_kb, stride_kh, stride_kq, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+            USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr,
+            DOT_F32: tl.constexpr):
+    """Compute and store the output tile ``[m0, m0+BLOCK_M) x [n0, n0+WIDTH)``, or store zeros when none
+    of its columns is kept (then neither x nor W is read)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, WIDTH)
+    row_ok = (offs_m >= 0) & (offs_m < M)
+    col_ok = offs_n < N
+    col_keep = _col_keep(KEEP, b, qb, n0, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM, WIDTH)
+    if tl.max(col_keep.to(tl.int32), axis=0) > 0:
+        acc = dense_k_loop(tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32), X, W, b, m0, n0, M, K, row_ok, col_ok,
+                           stride_xb, stride_xm, stride_xk, stride_wn, stride_wk,
+                           EVEN_K, USE_TMA, BLOCK_M, WIDTH, BLOCK_K, DOT_F32)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        # Columns of skipped heads inside a computed tile (several heads per tile) are zeroed too.
+        acc = tl.where(col_keep[None, :], acc, 0.0)
+    else:
+        acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
+    Y_tile = Y + b * stride_yb + m0.to(tl.int64) * stride_ym
+    y_ptrs = Y_tile + tl.arange(0, BLOCK_M)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gemm_q_kernel(X, W, W_HALF, BIAS, Y, KEEP,
                    M, N, K, SPARSE_COLS, ROW_OFFSET, FIRST_TILE, NUM_TILES_M,
                    stride_xb, stride_xm, stride_xk, stride_wn, stride_wk,
                    stride_yb, stride_ym, stride_yn, stride_kb, stride_kh, stride_kq,
                    HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                   EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, SPLIT_N: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    DOT_F32: tl.constexpr):
     tile_m, tile_n = grouped_tile(tl.program_id(0), NUM_TILES_M, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -118,31 +160,27 @@ def _gemm_q_kernel(X, W, BIAS, Y, KEEP,
     qb = joint_m0 // BLOCK_Q                        # its one q-block (BLOCK_M divides BLOCK_Q)
     m0 = joint_m0 - ROW_OFFSET                      # first local row; < 0 in a partial first tile
     n0 = tile_n * BLOCK_N
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    row_ok = (offs_m >= 0) & (offs_m < M)
-    col_ok = offs_n < N
-
-    # Per-column keep flag: sparse columns follow their head's symbol, dense columns are always kept.
-    sparse = offs_n < SPARSE_COLS
-    kv = tl.load(KEEP + b * stride_kb + (offs_n // HEAD_DIM) * stride_kh + qb * stride_kq, mask=sparse, other=0)
-    col_keep = tl.where(sparse, kv != 0, col_ok)
-    active = tl.max(col_keep.to(tl.int32), axis=0) > 0
-
-    if active:
-        acc = dense_k_loop(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), X, W, b, m0, n0, M, K, row_ok, col_ok,
-                           stride_xb, stride_xm, stride_xk, stride_wn, stride_wk,
-                           EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        # Columns of skipped heads inside a computed tile (several heads per tile) are zeroed too.
-        acc = tl.where(col_keep[None, :], acc, 0.0)
+    if SPLIT_N:
+        # Wide tiles run the dense (K/V) columns near cuBLAS speed, but would compute a whole tile for one
+        # kept head of two: a tile whose halves are not both kept runs as two half-width tiles, each
+        # computed or zero-filled on its own (W_HALF: the weight's descriptor for half-width boxes).
+        HALF: tl.constexpr = BLOCK_N // 2
+        lo = _col_keep(KEEP, b, qb, n0, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM, HALF)
+        hi = _col_keep(KEEP, b, qb, n0 + HALF, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM, HALF)
+        both = (tl.max(lo.to(tl.int32), axis=0) > 0) & (tl.max(hi.to(tl.int32), axis=0) > 0)
+        if both:
+            _q_tile(X, W, BIAS, Y, KEEP, b, qb, m0, n0, M, N, K, SPARSE_COLS, stride_xb, stride_xm, stride_xk,
+                    stride_wn, stride_wk, stride_yb, stride_ym, stride_yn, stride_kb, stride_kh, stride_kq,
+                    HEAD_DIM, HAS_BIAS, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+        else:
+            for half in tl.static_range(2):
+                _q_tile(X, W_HALF, BIAS, Y, KEEP, b, qb, m0, n0 + half * HALF, M, N, K, SPARSE_COLS, stride_xb,
+                        stride_xm, stride_xk, stride_wn, stride_wk, stride_yb, stride_ym, stride_yn, stride_kb,
+                        stride_kh, stride_kq, HEAD_DIM, HAS_BIAS, EVEN_K, USE_TMA, BLOCK_M, HALF, BLOCK_K, DOT_F32)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-
-    Y_tile = Y + b * stride_yb + m0.to(tl.int64) * stride_ym
-    y_ptrs = Y_tile + tl.arange(0, BLOCK_M)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        _q_tile(X, W, BIAS, Y, KEEP, b, qb, m0, n0, M, N, K, SPARSE_COLS, stride_xb, stride_xm, stride_xk,
+                stride_wn, stride_wk, stride_yb, stride_ym, stride_yn, stride_kb, stride_kh, stride_kq,
+                HEAD_DIM, HAS_BIAS, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,25 +195,34 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool
+    split_n: bool = False   # GEMM-Q: a tile whose two halves are not both kept runs as two half tiles
 
 
 # Per (arch, kernel). H100 numbers: benchmarks/NOTES.md, GEMM section. "cpu" is the interpreter
 # (tests): small tiles so that several tiles, partial tiles and straddling heads occur at tiny sizes.
+# Kernels: "q" GEMM-Q, "o" sparse_linear_o (dispatch step), "c" out_proj_cache (update step).
 CONFIGS = {
     ("sm90", "q"): Config(128, 128, 64, 8, 8, 3, True),
     ("sm90", "o"): Config(128, 128, 64, 8, 8, 3, True),
+    ("sm90", "c"): Config(128, 128, 64, 8, 8, 3, True),
     ("cuda", "q"): Config(128, 128, 32, 8, 4, 3, False),
     ("cuda", "o"): Config(128, 128, 32, 8, 4, 3, False),
+    ("cuda", "c"): Config(128, 128, 32, 8, 4, 3, False),
     ("cpu", "q"): Config(32, 32, 32, 2, 4, 1, False),
     ("cpu", "o"): Config(32, 32, 32, 2, 4, 1, False),
+    ("cpu", "c"): Config(32, 32, 32, 2, 4, 1, False),
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _arch(index: int) -> str:
+    return "sm90" if torch.cuda.get_device_capability(index)[0] == 9 else "cuda"
+
+
 def pick_config(t: Tensor, kernel: str) -> Config:
-    """(shared) The table's setting for ``t``'s device (``kernel``: ``"q"`` or ``"o"``)."""
+    """(shared) The table's setting for ``t``'s device (``kernel``: ``"q"``, ``"o"`` or ``"c"``)."""
     if t.is_cuda:
-        major, _ = torch.cuda.get_device_capability(t.device)
-        return CONFIGS[("sm90" if major == 9 else "cuda", kernel)]
+        return CONFIGS[(_arch(t.device.index if t.device.index is not None else torch.cuda.current_device()), kernel)]
     return CONFIGS[("cpu", kernel)]
 
 
@@ -235,21 +282,22 @@ def sparse_linear_q_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], q_
     if y.numel() == 0:
         return y
     keep = q_keep.view(torch.uint8)
-    xa, wa = x, weight
+    xa, wa, wh = x, weight, weight
     use_tma = cfg.tma
     if use_tma:
         rows = as_rows(x)
         use_tma = rows is not None and tma_ok(weight)
         if use_tma:
             xa, wa = descriptor(rows, [block_m, block_k]), descriptor(weight, [cfg.block_n, block_k])
+            wh = descriptor(weight, [cfg.block_n // 2, block_k]) if cfg.split_n else wa
     grid = (tiles_m * triton.cdiv(N, cfg.block_n), B)
     _gemm_q_kernel[grid](
-        xa, wa, bias if bias is not None else y, y, keep,
+        xa, wa, wh, bias if bias is not None else y, y, keep,
         M, N, K, sparse_cols, row_offset, first, tiles_m,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
         y.stride(0), y.stride(1), y.stride(2), keep.stride(0), keep.stride(1), keep.stride(2),
         HEAD_DIM=head_dim, BLOCK_Q=block_q, HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0,
-        USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        USE_TMA=use_tma, SPLIT_N=cfg.split_n, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
         DOT_F32=dot_f32(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
