@@ -9,7 +9,9 @@ full-model compiles per model fit the time limit: per-layer cost is identical, s
 
 Per model and backend: ``compile_s`` is the wall time of the first call (Dynamo + passes + Inductor,
 minus nothing), ``fwd_ms`` the median forward time after warm-up (``_common.bench_ms``), ``rel_err`` the
-output against the uncompiled model (checked before timing: a case above 2e-2 is a FAIL row, not timed),
+output against the uncompiled model, ``rel_err_vs_inductor`` flashomni's output against Inductor's (checked
+before timing: above 2e-2 is a FAIL row, not timed; Inductor's own bf16 deviation from eager on
+random-weight Flux reaches ~5e-2, which is why the check is against Inductor),
 ``sites`` how many attention sites the flashomni backend rewrote. ``ratio`` = flashomni / inductor
 forward time; the target is <= 1.03.
 """
@@ -50,7 +52,7 @@ def _time_ms(fn) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def run_case(name, model, kw, backend, options):
+def run_case(name, model, kw, backend, options, baseline=None):
     torch._dynamo.reset()
     with torch.no_grad():
         ref = model(**kw)[0]
@@ -61,16 +63,17 @@ def run_case(name, model, kw, backend, options):
             out = compiled(**kw)[0]
             _sync()
             compile_s = time.perf_counter() - t0
-        err = rel_err(out.float(), ref.float())
-        rec = {"model": name, "backend": backend, "compile_s": compile_s, "rel_err": err,
+        rec = {"model": name, "backend": backend, "compile_s": compile_s, "rel_err": rel_err(out.float(), ref.float()),
                "sites": sum(len(r.sites) for r in records) if backend == "flashomni" else None,
                "fused": sorted({"+".join(s.pieces) for r in records for s in r.sites}) if backend == "flashomni" else None}
-        if not err <= TOL:
-            rec["status"] = "FAIL"
-            return rec
+        if baseline is not None:
+            rec["rel_err_vs_inductor"] = rel_err(out.float(), baseline.float())
+            if not rec["rel_err_vs_inductor"] <= TOL:
+                rec["status"] = "FAIL"
+                return rec, out
         rec["fwd_ms"] = _time_ms(lambda: compiled(**kw))
         rec["status"] = "ok"
-    return rec
+    return rec, out
 
 
 def main():
@@ -93,8 +96,9 @@ def main():
         meta = {"config": {k: v for k, v in cfg.items() if not isinstance(v, tuple)} | {"dtype": str(dtype)},
                 "layers_note": None if args.tiny else
                 f"layer count reduced to {args.double} double + {args.single} single (widths full size)"}
-        ind = run_case(name, model, kw, "inductor", None) | meta
-        fo = run_case(name, model, kw, "flashomni", {"policy": "dense"}) | meta
+        ind, ind_out = run_case(name, model, kw, "inductor", None)
+        fo, _ = run_case(name, model, kw, "flashomni", {"policy": "dense"}, baseline=ind_out)
+        ind, fo = ind | meta, fo | meta
         if ind.get("fwd_ms") and fo.get("fwd_ms"):
             fo["ratio"] = fo["fwd_ms"] / ind["fwd_ms"]
             fo["compile_ratio"] = fo["compile_s"] / ind["compile_s"]
@@ -103,7 +107,7 @@ def main():
         if device == "cuda":
             torch.cuda.empty_cache()
     paths = write_results(out, header(), records)
-    print(format_table(records, ["model", "backend", "status", "sites", "compile_s", "fwd_ms", "ratio", "rel_err"]))
+    print(format_table(records, ["model", "backend", "status", "sites", "compile_s", "fwd_ms", "ratio", "rel_err", "rel_err_vs_inductor"]))
     print("wrote", ", ".join(map(str, paths)))
 
 
