@@ -198,13 +198,20 @@ class Config(NamedTuple):
     split_n: bool = False   # GEMM-Q: a tile whose two halves are not both kept runs as two half tiles
 
 
-# Per (arch, kernel). H100 numbers: benchmarks/NOTES.md, GEMM section. "cpu" is the interpreter
-# (tests): small tiles so that several tiles, partial tiles and straddling heads occur at tiny sizes.
-# Kernels: "q" GEMM-Q, "o" sparse_linear_o (dispatch step), "c" out_proj_cache (update step).
+# Per (arch, kernel); kernels: "q" GEMM-Q, "o" sparse_linear_o (dispatch step), "c" out_proj_cache
+# (update step). sm90 entries: the least total time over the sweep of benchmarks/bench_gemm.py --sweep
+# (H100, bf16, M in {4608, 33792}, densities {1, 0.5, 0.125}; benchmarks/NOTES.md, GEMM section):
+#   q: 128x256 split tiles, 4 stages: 10.8 ms summed vs 11.9 for 128x128 (dense QKV 2.88 vs 3.24 ms at
+#      M=33792; at d=0.125 the split keeps Q as cheap as 128x128 tiles: 0.274 vs 0.273 ms).
+#   o, c: 128x128, 8 warps, 4 stages. 64x128 4-warp tiles (2 CTAs per SM) were 19% faster at d=0.125
+#      (0.279 vs 0.343 ms) but 50% slower dense (1.67 vs 1.11 ms); density is per-step data, so no switch.
+# Every sm90 entry compiles without spills on triton 3.6 and 3.9 for fp16/bf16/fp32 and D in {64, 72, 128}
+# (at most 192 KB of shared memory). "cpu" is the interpreter (tests): small tiles so that several
+# tiles, partial tiles and straddling heads occur at tiny sizes.
 CONFIGS = {
-    ("sm90", "q"): Config(128, 128, 64, 8, 8, 3, True),
-    ("sm90", "o"): Config(128, 128, 64, 8, 8, 3, True),
-    ("sm90", "c"): Config(128, 128, 64, 8, 8, 3, True),
+    ("sm90", "q"): Config(128, 256, 64, 8, 8, 4, True, split_n=True),
+    ("sm90", "o"): Config(128, 128, 64, 8, 8, 4, True),
+    ("sm90", "c"): Config(128, 128, 64, 8, 8, 4, True),
     ("cuda", "q"): Config(128, 128, 32, 8, 4, 3, False),
     ("cuda", "o"): Config(128, 128, 32, 8, 4, 3, False),
     ("cuda", "c"): Config(128, 128, 32, 8, 4, 3, False),
