@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import json
 import statistics
 import sys
 import time
@@ -282,24 +283,30 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
 
 
 def pareto_plot(records: list[dict], path: Path) -> None:
+    """Speed (x) against PSNR (y) per model; one colour per implementation/policy in every panel."""
     plt = viz.pyplot()
     if plt is None:
         return
-    models = sorted({r["model"] for r in records})
+    models = list(dict.fromkeys(r["model"] for r in records))
+    labels = list(dict.fromkeys(r["impl"] if r["impl"] != "flashomni" else f"flashomni {r['policy']}"
+                                for r in records if r.get("speedup") is not None))
+    colours = {lbl: plt.get_cmap("tab10")(i % 10) for i, lbl in enumerate(labels)}
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
         rows = [r for r in records if r["model"] == m and r.get("speedup") is not None]
-        for (impl, policy), grp in itertools.groupby(sorted(rows, key=lambda r: (r["impl"], r["policy"])),
-                                                     key=lambda r: (r["impl"], r["policy"])):
-            grp = sorted(grp, key=lambda r: r["speedup"])
+        for lbl in labels:
+            grp = sorted((r for r in rows if (r["impl"] if r["impl"] != "flashomni"
+                                              else f"flashomni {r['policy']}") == lbl), key=lambda r: r["speedup"])
+            if not grp:
+                continue
             psnrs = [min(r["psnr"], 60.0) for r in grp]
-            label = impl if impl != "flashomni" else f"flashomni {policy}"
-            ax.plot([r["speedup"] for r in grp], psnrs, "o-", ms=5, label=label)
+            ax.plot([r["speedup"] for r in grp], psnrs, "o-", ms=5, color=colours[lbl], label=lbl)
             for r, y in zip(grp, psnrs):
-                if r["params"]:
-                    ax.annotate(",".join(f"{k}={v}" for k, v in r["params"].items()), (r["speedup"], y),
-                                fontsize=6, xytext=(3, 3), textcoords="offset points")
+                if r["impl"] == "flashomni":
+                    text = ",".join(f"{k}={v}" for k, v in r["params"].items()) or "defaults"
+                    ax.annotate(text, (r["speedup"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(30, color="gray", ls=":", lw=1)
+        ax.axvline(1, color="gray", ls=":", lw=1)
         ax.set_title(f"{m} model ({rows[0]['tokens'] if rows else '?'} tokens)")
         ax.set_xlabel("speedup over Inductor (dense), whole sampling loop")
         ax.set_ylabel("PSNR vs eager dense, dB (capped at 60)")
@@ -327,7 +334,12 @@ def main(argv=None) -> None:
     p.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "quality_pareto.png")
+    p.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                   help="only redraw --plot from a results file this script wrote")
     args = p.parse_args(argv)
+    if args.replot:
+        pareto_plot(json.loads(args.replot.read_text())["records"], args.plot)
+        return
     args.policy = args.policy or ["dense"]
     for spec in args.policy:
         parse_policy(spec)  # fail on bad grammar before any work
