@@ -33,6 +33,17 @@ def git_sha() -> str:
         return "unknown"
 
 
+def source_hash() -> str:
+    """sha1 over the package and benchmark sources (path + bytes): identifies the code that ran where the
+    tree travels without ``.git`` (the lent GPU machine); recompute it at a commit to match a result."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for path in sorted([*REPO.glob("flashomni_compile/**/*.py"), *REPO.glob("benchmarks/*.py")]):
+        h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def header(command: Optional[str] = None) -> dict:
     """Where and how the numbers were taken: device, versions, git sha, command line, UTC date."""
     import triton
@@ -51,6 +62,7 @@ def header(command: Optional[str] = None) -> dict:
         "command": command or " ".join(shlex.quote(a) for a in ["python"] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": os.environ.get("GIT_SHA") or git_sha(),  # GIT_SHA: where the tree travels without .git
+        "source_hash": source_hash(),
     }
 
 
