@@ -66,6 +66,19 @@ def header(command: Optional[str] = None) -> dict:
     }
 
 
+def device_and_dtype(parser, tiny: bool) -> tuple[str, torch.dtype]:
+    """``("cuda", bfloat16)`` on a GPU; ``--tiny`` runs toy sizes in float32, on CPU too."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not tiny:
+        parser.error("full sizes need a GPU; use --tiny on CPU")
+    return device, torch.float32 if tiny else torch.bfloat16
+
+
+def results_path(out: Optional[str], stem: str, tiny: bool) -> str:
+    """``--out`` if given, else ``benchmarks/results/<stem>_h100.json`` (``_tiny_cpu`` for toy runs)."""
+    return out or f"benchmarks/results/{stem}_{'tiny_cpu' if tiny else 'h100'}.json"
+
+
 def bench_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 300) -> float:
     """Median milliseconds of ``fn()`` (``triton.testing.do_bench``: CUDA events, L2 flushed between runs)."""
     import triton.testing

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import bench_ms, format_table, header, rel_err, write_results  # noqa: E402
+from _common import bench_ms, device_and_dtype, format_table, header, rel_err, results_path, write_results  # noqa: E402
 
 from _models import flux, hunyuan_video  # noqa: E402
 
@@ -84,11 +84,8 @@ def main():
     p.add_argument("--single", type=int, default=8, help="single-stream layers (full: Flux 38, HunyuanVideo 40)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.tiny:
-        p.error("full sizes need a GPU; use --tiny on CPU")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    out = args.out or ("benchmarks/results/compile_tiny_cpu.json" if args.tiny else "benchmarks/results/compile_h100.json")
+    device, dtype = device_and_dtype(p, args.tiny)
+    out = results_path(args.out, "compile", args.tiny)
     builders = {"flux": flux, "hunyuan_video": hunyuan_video}
     records = []
     for name in args.models.split(","):

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import format_table, header, rel_err, write_results  # noqa: E402
+from _common import device_and_dtype, format_table, header, rel_err, results_path, write_results  # noqa: E402
 from _models import flux, hunyuan_video  # noqa: E402
 
 from flashomni_compile.runtime import engine  # noqa: E402
@@ -163,11 +163,8 @@ def main():
                    "one dispatch step of flashomni (not timed)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.tiny:
-        p.error("full sizes need a GPU; use --tiny on CPU")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    out = args.out or ("benchmarks/results/e2e_tiny_cpu.json" if args.tiny else "benchmarks/results/e2e_h100.json")
+    device, dtype = device_and_dtype(p, args.tiny)
+    out = results_path(args.out, "e2e", args.tiny)
     records = []
     for name in args.models.split(","):
         records += run_model(name, args, device, dtype)
