@@ -236,3 +236,61 @@ def test_register_custom_policy_usable_in_options():
     assert "every_other_test" in policy_names() and "flashomni" in policy_names()
     cfg = FlashOmniConfig.from_options({"policy": "every_other_test"})    # the backend accepts it too
     assert cfg.policy == "every_other_test"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Update-step metrics: one-pass forms equal the padded float32 formulas they replace
+# ---------------------------------------------------------------------------------------------------
+def _pooled_padded(q, k, kpm, scale, bq, bkv):
+    """The former pooled_scores: float32 copies, zero-padded block sums, explicit counts."""
+    from flashomni_compile.runtime.policies import block_reduce
+    cnt_q = block_reduce(torch.ones(q.shape[2], 1), bq, dim=0)
+    pq = block_reduce(q.float(), bq) / cnt_q
+    kf = k.float()
+    if kpm is None:
+        cnt_k = block_reduce(torch.ones(k.shape[2], 1), bkv, dim=0).expand(k.shape[0], -1, -1)
+    else:
+        kf = kf * kpm.float()[:, None, :, None]
+        cnt_k = block_reduce(kpm.float()[:, :, None], bkv, dim=1)
+    pk = block_reduce(kf, bkv) / cnt_k.clamp_min(1.0)[:, None]
+    logits = scale * pq @ pk.transpose(-1, -2)
+    if kpm is not None:
+        logits = logits.masked_fill((cnt_k[:, None, None, :, 0] == 0), float("-inf"))
+    return pq, pk, torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n,masked", [(200, False), (192, False), (200, True), (20, True)])
+def test_pooled_scores_one_pass_equals_padded_float32(dtype, n, masked):
+    g = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, 2, n, 64, generator=g).to(dtype) for _ in range(2))
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)          # memory order [B, N, H, D], as in the engine
+    kpm = None
+    if masked:
+        kpm = torch.ones(2, n, dtype=torch.bool)
+        kpm[1, n // 3:] = False                                  # whole kv-blocks of batch 1 empty
+    got = pooled_scores(q, k, kpm, 0.125, 32, 32)
+    want = _pooled_padded(q, k, kpm, 0.125, 32, 32)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_change_one_pass_equals_formula_and_diff_is_shared(dtype):
+    g = torch.Generator().manual_seed(5)
+    prev = torch.randn(1, 2, N, 64, generator=g).to(dtype)
+    out = (prev.double() + 0.1 * torch.randn(1, 2, N, 64, generator=g, dtype=torch.float64)).to(dtype)
+    ctx = _ctx(out=out, prev_out=prev)
+    from flashomni_compile.runtime.policies import block_reduce
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    diff = block_reduce((out.to(acc) - prev.to(acc)).square().sum(-1), BLK)
+    ref = block_reduce(prev.to(acc).square().sum(-1), BLK)
+    want = (diff / ref.clamp_min(1e-12)).sqrt().float()
+    got = ctx.change()
+    assert got.dtype == torch.float32 and got.shape == (1, 2, NB)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert ctx.change() is got                                   # computed once per update
+    assert ctx.output_diff().dtype == acc
+    torch.testing.assert_close(ctx.output_diff(), out.to(acc) - prev.to(acc), rtol=0, atol=0)
+    assert _ctx(out=out).change() is None and _ctx(out=out).output_diff() is None

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -58,6 +58,39 @@ def block_reduce(x: Tensor, block: int, dim: int = 2) -> Tensor:
     return x.reshape(*x.shape[:-1], nb, block).sum(-1).movedim(-1, dim)
 
 
+def _block_reduce_to(x: Tensor, block: int, dim: int, op: Callable[..., Tensor], dtype: torch.dtype) -> Tensor:
+    """``op`` (``torch.sum`` or ``torch.mean``) over consecutive blocks of ``block`` entries along ``dim``,
+    accumulated in ``dtype``. The full blocks are a view of ``x`` and the partial last block a slice, so
+    no converted or padded copy of ``x`` is made: a bf16 ``x`` on CUDA is read once, reduced in float32."""
+    dim = dim % x.dim()
+    n = x.shape[dim]
+    nfull, rem = divmod(n, block)
+    parts = []
+    if nfull:
+        parts.append(op(x.narrow(dim, 0, nfull * block).unflatten(dim, (nfull, block)), dim + 1, dtype=dtype))
+    if rem:
+        parts.append(op(x.narrow(dim, nfull * block, rem), dim, keepdim=True, dtype=dtype))
+    if not parts:
+        return x.new_zeros(*x.shape[:dim], 0, *x.shape[dim + 1:], dtype=dtype)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _block_norm(x: Tensor, block: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """L2 norm of ``x [B, H, N, D]`` over each block of ``block`` rows (dim 2) and ``D``: ``[B, H, NB]``,
+    one reduction pass (partial last block handled as a slice)."""
+    n = x.shape[2]
+    nfull, rem = divmod(n, block)
+    parts = []
+    if nfull:
+        parts.append(torch.linalg.vector_norm(x[:, :, :nfull * block].unflatten(2, (nfull, block)), dim=(3, 4),
+                                              dtype=dtype))
+    if rem:
+        parts.append(torch.linalg.vector_norm(x[:, :, nfull * block:], dim=(2, 3), dtype=dtype)[..., None])
+    if not parts:
+        return x.new_zeros(*x.shape[:2], 0, dtype=dtype or x.dtype)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+
 def pooled_scores(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], scale: float, block_q: int,
                   block_kv: int) -> tuple[Tensor, Tensor, Tensor]:
     """Mean-pool Q and K per block and return ``(pooled_q [B,H,NQB,D], pooled_k [B,H,NKB,D], scores)``.
@@ -65,20 +98,24 @@ def pooled_scores(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], scal
     ``scores [B, H, NQB, NKB]`` is the row softmax of ``scale * pooled_q . pooled_k`` (float32); kv-blocks
     with no visible key get 0. Padded keys are left out of the K means.
     """
-    cnt_q = block_reduce(torch.ones(q.shape[2], 1, device=q.device), block_q, dim=0)     # [NQB, 1]
-    pq = block_reduce(q.float(), block_q) / cnt_q
-    kf = k.float()
+    # Block means accumulated in float32 straight from q and k: the former ``q.float()`` copies and
+    # padded reshapes cost ~22 bytes of traffic per element of q and k on every update step; this reads
+    # each element once (2 bytes in bf16).
+    f32 = torch.float32
+    pq = _block_reduce_to(q, block_q, 2, torch.mean, f32)
     if key_padding_mask is None:
-        cnt_k = block_reduce(torch.ones(k.shape[2], 1, device=k.device), block_kv, dim=0).expand(k.shape[0], -1, -1)
+        pk = _block_reduce_to(k, block_kv, 2, torch.mean, f32)
+        empty = None
     else:
-        m = key_padding_mask.float()[:, None, :, None]                                     # [B, 1, Nkv, 1]
-        kf = kf * m
-        cnt_k = block_reduce(key_padding_mask.float()[:, :, None], block_kv, dim=1)       # [B, NKB, 1]
-    pk = block_reduce(kf, block_kv) / cnt_k.clamp_min(1.0)[:, None]
-    logits = scale * pq @ pk.transpose(-1, -2)
-    if key_padding_mask is not None:
-        logits = logits.masked_fill((cnt_k[:, None, None, :, 0] == 0), float("-inf"))
-    return pq, pk, torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        # k * mask is exact (x * 1, x * 0) in any dtype, and propagates NaN like the float32 product did
+        km = k * key_padding_mask[:, None, :, None].to(k.dtype)
+        cnt_k = _block_reduce_to(key_padding_mask, block_kv, 1, torch.sum, f32)                 # [B, NKB]
+        pk = _block_reduce_to(km, block_kv, 2, torch.sum, f32) / cnt_k.clamp_min(1.0)[:, None, :, None]
+        empty = (cnt_k == 0)[:, None, None, :]
+    logits = torch.matmul(pq, pk.transpose(-1, -2)).mul_(scale)
+    if empty is not None:
+        logits = logits.masked_fill_(empty, float("-inf"))
+    return pq, pk, torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
 
 def text_blocks(n: int, text_len: int, text_first: bool, block: int, device=None) -> Tensor:
@@ -90,6 +127,21 @@ def text_blocks(n: int, text_len: int, text_first: bool, block: int, device=None
         return torch.zeros(nb, dtype=torch.bool, device=device)
     lo, hi = (0, text_len) if text_first else (n - text_len, n)
     return (start < hi) & (end > lo)
+
+
+# Update steps ask for these per layer, several times per policy call (each ~7 small launches when
+# rebuilt): they depend on host values only, so one tensor per (shape, device) is built and shared.
+# Callers must not edit the returned tensors in place (no built-in policy does).
+_text_blocks_shared = functools.lru_cache(maxsize=256)(text_blocks)
+
+
+@functools.lru_cache(maxsize=256)
+def _diagonal_shared(nqb: int, nkb: int, block_q: int, block_kv: int, joint: bool, device: torch.device) -> Tensor:
+    if not joint:
+        return torch.zeros(nqb, nkb, dtype=torch.bool, device=device)
+    qs = torch.arange(nqb, device=device) * block_q
+    ks = torch.arange(nkb, device=device) * block_kv
+    return (qs[:, None] < ks[None, :] + block_kv) & (ks[None, :] < qs[:, None] + block_q)
 
 
 @dataclass
@@ -122,6 +174,9 @@ class PolicyContext:
     prev_out: Optional[Tensor] = None
     steps_since_update: Optional[int] = None
     prev_symbols: Optional[SparseSymbols] = None
+    # memos of one update (computed on first use; the engine hands ``_diff`` on to the feature cache)
+    _diff: Optional[Tensor] = field(default=None, init=False, repr=False, compare=False)
+    _change: Optional[Tensor] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def batch(self) -> int:
@@ -148,7 +203,7 @@ class PolicyContext:
     def text_q(self) -> Tensor:
         """Bool ``[NQB]``: q-blocks holding text tokens (all False without text or for cross attention)."""
         t = self.spec.text_len if self.joint else 0
-        return text_blocks(self.seq_q, t, self.spec.text_first, self.block_q, self.device)
+        return _text_blocks_shared(self.seq_q, t, self.spec.text_first, self.block_q, self.device)
 
     @property
     def n_text_q(self) -> int:
@@ -163,16 +218,12 @@ class PolicyContext:
     def text_kv(self) -> Tensor:
         """Bool ``[NKB]``: kv-blocks holding text tokens."""
         t = self.spec.text_len if self.joint else 0
-        return text_blocks(self.seq_kv, t, self.spec.text_first, self.block_kv, self.device)
+        return _text_blocks_shared(self.seq_kv, t, self.spec.text_first, self.block_kv, self.device)
 
     def diagonal(self) -> Tensor:
         """Bool ``[NQB, NKB]``: kv-blocks sharing tokens with the q-block (all False for cross attention)."""
         nqb, nkb = self.scores.shape[-2:]
-        if not self.joint:
-            return torch.zeros(nqb, nkb, dtype=torch.bool, device=self.device)
-        qs = torch.arange(nqb, device=self.device) * self.block_q
-        ks = torch.arange(nkb, device=self.device) * self.block_kv
-        return (qs[:, None] < ks[None, :] + self.block_kv) & (ks[None, :] < qs[:, None] + self.block_q)
+        return _diagonal_shared(nqb, nkb, self.block_q, self.block_kv, self.joint, self.device)
 
     def progress(self, ramp_steps: int) -> float:
         """Denoising progress in [0, 1]: ``step / (total - 1)``, or ``step / ramp_steps`` without a total."""
@@ -180,13 +231,30 @@ class PolicyContext:
             return min(1.0, self.step / (self.total - 1))
         return min(1.0, self.step / max(1, ramp_steps))
 
-    def change(self) -> Optional[Tensor]:
-        """Relative L2 change of each (q-block, head) output since the previous update, ``[B,H,NQB]``."""
+    def output_diff(self) -> Optional[Tensor]:
+        """``out - prev_out`` in float32 (float64 for float64 outputs), ``[B,H,Nq,D]``; None without a
+        previous output. Computed once per update: the feature cache's first divided difference reuses it."""
         if self.prev_out is None:
             return None
-        diff = block_reduce((self.out.float() - self.prev_out.float()).square().sum(-1), self.block_q)
-        ref = block_reduce(self.prev_out.float().square().sum(-1), self.block_q)
-        return (diff / ref.clamp_min(1e-12)).sqrt()
+        if self._diff is None:
+            acc = torch.float64 if self.out.dtype == torch.float64 else torch.float32
+            self._diff = self.out.to(acc).sub_(self.prev_out) if self.out.dtype != acc \
+                else self.out - self.prev_out
+        return self._diff
+
+    def change(self) -> Optional[Tensor]:
+        """Relative L2 change of each (q-block, head) output since the previous update, ``[B,H,NQB]``
+        (float32; computed once per update, do not edit it in place)."""
+        if self.prev_out is None:
+            return None
+        if self._change is None:
+            d = self.output_diff()
+            # ||diff||_block / ||prev||_block, one reduction pass each; the floor 1e-6 on the norm is
+            # the former 1e-12 floor on the squared norm
+            num = _block_norm(d, self.block_q)
+            den = _block_norm(self.prev_out, self.block_q, dtype=d.dtype)
+            self._change = (num / den.clamp_min(1e-6)).float()
+        return self._change
 
     def dense(self) -> SparseSymbols:
         """All-kept symbols for this site."""
