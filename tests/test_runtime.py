@@ -161,6 +161,17 @@ def test_gemm_o_consistent_with_attention_output(order):
     assert br.cache.active_order == order
 
 
+def _single_stream_step(site, L, x, g, mlp_w):
+    """One Flux single-stream layer call set: (attention output a, MLP activations, linear_o output)."""
+    B, N, _ = x.shape
+    q = engine.linear_q(site, L.anchor, x, L.wq_img, L.bq_img, 0, 128)
+    k, v = F.linear(x, L.wk), F.linear(x, L.wv)
+    out = engine.attention(site, L.anchor, *(t.view(B, N, 2, 64).transpose(1, 2) for t in (q, k, v)), None, 0.125)
+    a = out.transpose(1, 2).reshape(B, N, 128)
+    mlp = torch.randn(B, N, 96, generator=g, dtype=torch.float64)
+    return a, mlp, engine.linear_o(site, L.anchor, a, L.wo_img, L.bo_img, 0, mlp, mlp_w)
+
+
 def test_single_stream_extra_range():
     """Flux single-stream blocks: linear_o over cat(attn, mlp) with the MLP part dense."""
     site = make_site(dict(SPARSE, taylor_order=1))
@@ -169,14 +180,69 @@ def test_single_stream_extra_range():
     mlp_w = torch.randn(128, 96, generator=g, dtype=torch.float64) / 10
     for s in range(STEPS):
         x = inputs(s)
-        B, N, _ = x.shape
-        q = engine.linear_q(site, L.anchor, x, L.wq_img, L.bq_img, 0, 128)
-        k, v = F.linear(x, L.wk), F.linear(x, L.wv)
-        out = engine.attention(site, L.anchor, *(t.view(B, N, 2, 64).transpose(1, 2) for t in (q, k, v)), None, 0.125)
-        a = out.transpose(1, 2).reshape(B, N, 128)
-        mlp = torch.randn(B, N, 96, generator=g, dtype=torch.float64)
-        y = engine.linear_o(site, L.anchor, a, L.wo_img, L.bo_img, 0, mlp, mlp_w)
+        a, mlp, y = _single_stream_step(site, L, x, g, mlp_w)
         assert rel(y, F.linear(torch.cat([a, mlp], -1), torch.cat([L.wo_img, mlp_w], 1), L.bo_img)) < TOL64
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_single_stream_split_gemm_o_equals_reference(order):
+    """Single-stream GEMM-O: update steps take one dense cuBLAS projection (C0.. still written into the
+    cache), dispatch steps take the sparse GEMM-O over the attention heads and the dense MLP K-range
+    through ``addmm_`` on top; both equal the reference ``sparse_linear_o_ref`` with the extra range."""
+    from flashomni_compile.kernels.gemm_o import out_proj_cache_ref, sparse_linear_o_ref
+    site = make_site(dict(SPARSE, taylor_order=order))
+    L = Layer.random()
+    g = torch.Generator().manual_seed(7)
+    mlp_w = torch.randn(128, 96, generator=g, dtype=torch.float64) / 10
+    kinds = set()
+    for s in range(STEPS):
+        x = inputs(s)
+        a, mlp, y = _single_stream_step(site, L, x, g, mlp_w)
+        st, br = _state(site, L)
+        sym, kind = br.symbols, st.current.kind
+        kinds.add(kind)
+        if kind == "update":
+            assert torch.equal(y, torch.addmm(F.linear(a, L.wo_img, L.bo_img).view(-1, 128), mlp.view(-1, 96),
+                                              mlp_w.t()).view(y.shape))
+            c0 = out_proj_cache_ref(a, L.wo_img, L.bo_img, sym.q_keep, 64, 0, 32)
+            assert rel(br.cache.out_terms[0][0], c0) < TOL64
+        else:
+            c = br.cache.out_terms[0][0] if br.cache.active_order == 0 else br.cache.out_buf[0]
+            want = sparse_linear_o_ref(a, L.wo_img, c, sym.q_keep, mlp, mlp_w, 64, 0, 32)
+            assert rel(y, want) < TOL64
+    assert kinds == {"update", "dispatch"}
+
+
+def test_store_symbols_lists_in_place_equal_kv_block_lists():
+    from flashomni_compile.runtime.state import BranchState
+    from flashomni_compile.symbols import SparseSymbols
+    g = torch.Generator().manual_seed(2)
+    br = BranchState()
+    for i in range(3):
+        kv = torch.rand(1, 2, 7, 7, generator=g) < 0.5
+        br.store_symbols(SparseSymbols(torch.rand(1, 2, 7, generator=g) < 0.5, kv, 200, 200, 32, 32))
+        ptrs = [t.data_ptr() for t in br.tensors()]
+        if i:
+            assert ptrs == first
+        first = ptrs
+        count, index = kv_block_lists(kv)
+        assert torch.equal(br.kv_count, count) and br.kv_count.dtype == torch.int32
+        assert torch.equal(br.kv_index, index) and br.kv_index.dtype == torch.int32
+        assert torch.equal(br.symbols.kv_keep, kv)
+
+
+def test_cache_update_with_shared_diff_equals_without():
+    from flashomni_compile.runtime.cache import FeatureCache
+    g = torch.Generator().manual_seed(3)
+    outs = [torch.randn(1, 2, 200, 64, generator=g) for _ in range(4)]
+    a, b = FeatureCache(2), FeatureCache(2)
+    for s, o in zip((0, 2, 5, 6), outs):
+        diff = o - a.terms[0] if a.updates else None
+        a.update(o, s, diff=diff)
+        b.update(o, s)
+        for ta, tb in zip(a.terms[:a.active_order + 1], b.terms):
+            torch.testing.assert_close(ta, tb, rtol=1e-6, atol=1e-6)
+    assert a.active_order == 2
 
 
 def test_attention_only_site_and_key_padding():

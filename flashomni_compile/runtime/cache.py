@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels.ops import out_proj_cache_op
+from ..kernels import gemm_o
+from ..kernels.ops import out_proj_cache_op, use_triton
 
 __all__ = ["FeatureCache", "order_within_cap"]
 
@@ -39,6 +40,16 @@ __all__ = ["FeatureCache", "order_within_cap"]
 def _bnhd_empty(like: Tensor) -> Tensor:
     B, H, N, D = like.shape
     return torch.empty(B, N, H, D, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _out_proj_cache_into(dst: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], q_keep: Tensor,
+                         head_dim: int, row_offset: int, block_q: int) -> None:
+    """``out_proj_cache`` written straight into the persistent buffer ``dst`` (the Triton launcher takes
+    ``out=``; the torch twin's result is copied), instead of a fresh tensor plus a DtoD copy per term."""
+    if use_triton(a):
+        gemm_o.out_proj_cache_triton(a, weight, bias, q_keep, head_dim, row_offset, block_q, out=dst)
+    else:
+        dst.copy_(out_proj_cache_op(a, weight, bias, q_keep, head_dim, row_offset, block_q))
 
 
 def order_within_cap(order: int, cap_bytes: Optional[float], term_bytes: int, out_term_bytes: int) -> int:
@@ -79,8 +90,11 @@ class FeatureCache:
         self.updates = 0
         self.last_step = None
 
-    def update(self, out: Tensor, step: int) -> None:
-        """Refresh the terms from this update's dense output ``out [B, H, N, D]`` at ``step``."""
+    def update(self, out: Tensor, step: int, diff: Optional[Tensor] = None) -> None:
+        """Refresh the terms from this update's dense output ``out [B, H, N, D]`` at ``step``.
+
+        ``diff``, when given, is ``out - D0`` already formed in the accumulation dtype (the policy's change
+        metric needs the same difference: ``PolicyContext.output_diff``); it is read, not modified."""
         if not self.terms or self.terms[0].shape != out.shape or self.terms[0].dtype != out.dtype \
                 or self.terms[0].device != out.device:
             self.terms = [_bnhd_empty(out) for _ in range(self.order + 1)]
@@ -92,10 +106,12 @@ class FeatureCache:
             # Differences in float32: the terms are stored in the activations' dtype, but a bf16
             # subtraction of two nearby outputs would lose most of the difference's bits.
             acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-            d1 = (out.to(acc) - self.terms[0].to(acc)) / d
+            if diff is None or diff.dtype != acc or diff.shape != out.shape:
+                diff = out.to(acc).sub_(self.terms[0]) if out.dtype != acc else out - self.terms[0]
             if self.order > 1 and self.updates > 1:
-                self.terms[2].copy_((d1 - self.terms[1].to(acc)) / d)
-            self.terms[1].copy_(d1)
+                # D2 = (D1_n - D1_{n-1}) / d = (diff - d * D1_{n-1}) / d^2, formed in acc, stored once
+                torch.div(torch.sub(diff, self.terms[1], alpha=d), d * d, out=self.terms[2])
+            torch.div(diff, d, out=self.terms[1])      # computed in acc, rounded once into the term
         self.terms[0].copy_(out)
         self.updates += 1
         self.last_step = step
@@ -108,19 +124,19 @@ class FeatureCache:
         """
         k = self.active_order
         B, M = a.shape[:2]
-        cs = [out_proj_cache_op(a, weight, bias, q_keep, head_dim, row_offset, block_q)]
+        shape = (B, M, weight.shape[0])
+        old = self.out_terms.get(row_offset)
+        if old is None or len(old) < self.order + 1 or old[0].shape != shape or old[0].dtype != a.dtype \
+                or old[0].device != a.device:
+            old = [a.new_empty(shape) for _ in range(self.order + 1)]
+            self.out_terms[row_offset] = old
+            if self.order > 0:
+                self.out_buf[row_offset] = a.new_empty(shape)
+        _out_proj_cache_into(old[0], a, weight, bias, q_keep, head_dim, row_offset, block_q)
         for i in range(1, k + 1):
             t = self.terms[i]
             rows = t.transpose(1, 2).reshape(B, t.shape[2], -1)[:, row_offset:row_offset + M]
-            cs.append(out_proj_cache_op(rows, weight, None, q_keep, head_dim, row_offset, block_q))
-        old = self.out_terms.get(row_offset)
-        if old is None or len(old) < self.order + 1 or old[0].shape != cs[0].shape or old[0].dtype != cs[0].dtype:
-            old = [torch.empty_like(cs[0]) for _ in range(self.order + 1)]
-            self.out_terms[row_offset] = old
-            if self.order > 0:
-                self.out_buf[row_offset] = torch.empty_like(cs[0])
-        for dst, src in zip(old, cs):
-            dst.copy_(src)
+            _out_proj_cache_into(old[i], rows, weight, None, q_keep, head_dim, row_offset, block_q)
         return old[0]
 
     # -- dispatch step (no allocation, no sync) --------------------------------------------------------

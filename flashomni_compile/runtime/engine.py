@@ -45,11 +45,11 @@ from ..kernels.ops import sparse_attention_op, sparse_linear_o_op, sparse_linear
 from ..symbols import SparseSymbols, validate_symbols
 from .cache import FeatureCache, order_within_cap
 from .controller import begin_pass
-from .hooks import apply_symbol_hooks, symbol_hooks
+from .hooks import _HOOKS, apply_symbol_hooks, symbol_hooks
 from .options import RuntimeOptions, resolve_options
 from .policies import DensePolicy, PolicyContext, get_policy, pooled_scores
 from .spec import SiteSpec, get_site
-from .state import DISPATCH, UPDATE, BranchState, LayerState, layer_state, reset_state
+from .state import _STATES, DISPATCH, UPDATE, BranchState, LayerState, layer_state, reset_state
 
 __all__ = ["attention", "linear_q", "linear_o", "reset"]
 
@@ -66,36 +66,47 @@ def _dense_attention(q, k, v, key_padding_mask, scale) -> Tensor:
     return _bnhd(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
 
 
+def _add_extra(y: Tensor, extra: Optional[Tensor], extra_weight: Optional[Tensor]) -> Tensor:
+    """``y + extra @ extra_weight.T`` (the dense MLP K-range of a single-stream block) through cuBLAS,
+    accumulated onto ``y`` in the GEMM's epilogue (``addmm_``, beta = 1): no second output and no add
+    pass. ``y`` is a fresh output of the caller, so writing it in place is safe."""
+    if extra is None:
+        return y
+    if y.is_contiguous() and y.dtype == extra.dtype == extra_weight.dtype:
+        y.view(-1, y.shape[-1]).addmm_(extra.reshape(-1, extra.shape[-1]), extra_weight.t())
+        return y
+    return y + F.linear(extra, extra_weight)
+
+
 def _dense_linear_o(a, weight, bias, extra, extra_weight) -> Tensor:
-    y = F.linear(a, weight, bias)
-    if extra is not None:
-        y = y + F.linear(extra, extra_weight)
-    return y
+    return _add_extra(F.linear(a, weight, bias), extra, extra_weight)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Site configuration (resolved once per site index)
 # ---------------------------------------------------------------------------------------------------
-_SITE_CFG: dict[int, tuple[Optional[RuntimeOptions], Any]] = {}
+# site -> (spec, options or None, policy or None, dense-unless-a-hook-is-registered, always dense)
+_SITE_CFG: dict[int, tuple[SiteSpec, Optional[RuntimeOptions], Any, bool, bool]] = {}
 
 
-def site_config(site: int) -> tuple[SiteSpec, Optional[RuntimeOptions], Any]:
-    """``(spec, options for this site (overrides applied) or None, policy instance or None)``."""
-    spec = get_site(site)
+def _site_cfg(site: int) -> tuple[SiteSpec, Optional[RuntimeOptions], Any, bool, bool]:
     cfg = _SITE_CFG.get(site)
     if cfg is None:
+        spec = get_site(site)
         opts = resolve_options(spec.options)
         if opts is not None:
             opts = opts.for_site(spec.name)
             policy = get_policy(opts.policy, **opts.policy_args)
         else:
             policy = None
-        cfg = _SITE_CFG[site] = (opts, policy)
-    return (spec,) + cfg
+        dense_policy = opts is not None and isinstance(policy, DensePolicy) and opts.symbol_hook is None
+        cfg = _SITE_CFG[site] = (spec, opts, policy, dense_policy, opts is None)
+    return cfg
 
 
-def _is_dense(opts: Optional[RuntimeOptions], policy: Any) -> bool:
-    return opts is None or (isinstance(policy, DensePolicy) and not symbol_hooks(opts.symbol_hook))
+def site_config(site: int) -> tuple[SiteSpec, Optional[RuntimeOptions], Any]:
+    """``(spec, options for this site (overrides applied) or None, policy instance or None)``."""
+    return _site_cfg(site)[:3]
 
 
 def reset() -> None:
@@ -105,10 +116,13 @@ def reset() -> None:
 
 
 def _state(site: int, anchor: Tensor) -> Optional[LayerState]:
-    spec, opts, policy = site_config(site)
-    if _is_dense(opts, policy):
+    # Runs on every site call: one dict lookup for the resolved site, one for the layer. Registered
+    # hooks are read live (a hook registered later makes a dense-policy site take the engine path).
+    spec, opts, policy, dense_policy, always_dense = _site_cfg(site)
+    if always_dense or (dense_policy and not _HOOKS):
         return None
-    return layer_state(site, anchor, spec, opts, policy)
+    st = _STATES.get((site, anchor.data_ptr()))
+    return st if st is not None else layer_state(site, anchor, spec, opts, policy)
 
 
 def _timed(st: LayerState, kind: str, t0: float, device: torch.device) -> None:
@@ -178,14 +192,21 @@ def linear_o(site: int, anchor: Tensor, a: Tensor, weight: Tensor, bias: Optiona
     if not br.q_sparse or br.cache is None:
         y = _dense_linear_o(a, weight, bias, extra, extra_weight)
     elif p.kind == UPDATE:
-        # C0 over the cached heads (+ bias), C1.. for the Taylor terms; the computed heads on top of C0
-        # make the dense result, so the update step costs one dense GEMM plus the higher terms.
+        # C0 over the cached heads (+ bias), C1.. for the Taylor terms, written into the cache's buffers.
         c0 = br.cache.project(row_offset, weight, bias, sym.q_keep, a, head_dim, sym.block_q)
-        y = sparse_linear_o_op(a, weight, c0, sym.q_keep, extra, extra_weight, head_dim, row_offset, sym.block_q)
+        if extra is None:
+            # the computed heads on top of C0 make the dense result: the two Triton passes together
+            # are one dense GEMM, vs cuBLAS dense + the C0 pass again (better only below ~25% cached)
+            y = sparse_linear_o_op(a, weight, c0, sym.q_keep, None, None, head_dim, row_offset, sym.block_q)
+        else:
+            # single-stream: the dense MLP K-range (4x the attention width in Flux) dominates; one cuBLAS
+            # projection of everything beats carrying it through the Triton GEMM-O (~0.75x cuBLAS)
+            y = _dense_linear_o(a, weight, bias, extra, extra_weight)
         st.stats.cache_bytes = _cache_bytes(st)
     elif br.cache.has_out(row_offset):
         c = br.cache.out_at(row_offset, p.step)
-        y = sparse_linear_o_op(a, weight, c, sym.q_keep, extra, extra_weight, head_dim, row_offset, sym.block_q)
+        y = sparse_linear_o_op(a, weight, c, sym.q_keep, None, None, head_dim, row_offset, sym.block_q)
+        y = _add_extra(y, extra, extra_weight)      # the dense K-range through cuBLAS, not the Triton kernel
     else:  # a call the update step did not see: the dense projection of ``a`` is always right
         y = _dense_linear_o(a, weight, bias, extra, extra_weight)
     _timed(st, p.kind, t0, a.device)
@@ -253,7 +274,8 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
     br.signature = signature
     br.q_sparse, br.kv_sparse = caches_q, skips_kv
     if br.cache is not None:
-        br.cache.update(out, step)
+        # the policy's change metric already formed out - D0 (float32): the cache reuses it
+        br.cache.update(out, step, diff=ctx._diff if prev_out is not None else None)
     br.last_update = step
 
     if br is st.branches[0]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 from ..symbols import SparseSymbols, kv_block_lists
@@ -44,19 +45,26 @@ class BranchState:
     kv_sparse: bool = False
 
     def store_symbols(self, sym: SparseSymbols) -> None:
-        """Copy ``sym`` into the persistent tensors (allocated the first time) and rebuild the lists."""
-        count, index = kv_block_lists(sym.kv_keep)
+        """Copy ``sym`` into the persistent tensors (allocated the first time) and rebuild the lists.
+
+        The lists are ``kv_block_lists(kv_keep)``, written straight into the persistent tensors: the count
+        by a reduction with ``out=``, the index by one stable sort of the negated mask viewed as uint8
+        (no conversion pass) and one cast-copy, instead of fresh tensors copied over."""
         cur = self.symbols
         if cur is None or cur.q_keep.shape != sym.q_keep.shape or cur.kv_keep.shape != sym.kv_keep.shape \
                 or cur.q_keep.device != sym.q_keep.device:
+            count, index = kv_block_lists(sym.kv_keep)
             self.symbols = SparseSymbols(sym.q_keep.clone(), sym.kv_keep.clone(), sym.seq_q, sym.seq_kv,
                                          sym.block_q, sym.block_kv)
-            self.kv_count, self.kv_index = count.clone(), index.clone()
+            self.kv_count, self.kv_index = count, index          # fresh tensors of kv_block_lists: owned
         else:
-            cur.q_keep.copy_(sym.q_keep)
-            cur.kv_keep.copy_(sym.kv_keep)
-            self.kv_count.copy_(count)
-            self.kv_index.copy_(index)
+            if sym.q_keep is not cur.q_keep:
+                cur.q_keep.copy_(sym.q_keep)
+            if sym.kv_keep is not cur.kv_keep:
+                cur.kv_keep.copy_(sym.kv_keep)
+            kv = cur.kv_keep
+            torch.sum(kv, dim=-1, dtype=torch.int32, out=self.kv_count)
+            self.kv_index.copy_(torch.sort(torch.logical_not(kv).view(torch.uint8), dim=-1, stable=True).indices)
         self.symbols._lists = (self.kv_count, self.kv_index)
 
     def tensors(self) -> list[Tensor]:
