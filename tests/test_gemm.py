@@ -17,6 +17,9 @@ TMA = Config(64, 64, 32, 2, 4, 1, True)      # descriptor loads; 64 columns stra
 SPLIT = Config(32, 128, 32, 2, 4, 1, True, split_n=True)   # wide tiles run as two halves unless both kept
 SPLIT_PTR = SPLIT._replace(tma=False)
 H = 2                                        # attention heads
+# The GPU when there is one (compiled kernels); else the CPU (interpreter). Inputs are drawn on the CPU so
+# both see the same values.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _rand(*shape, dtype=torch.float32, seed=0):
@@ -25,7 +28,7 @@ def _rand(*shape, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     buf = torch.full((*shape[:-1], shape[-1] + 64), float("nan"), dtype=dtype)
     buf[..., :shape[-1]] = torch.randn(*shape, generator=g).to(dtype)
-    return buf[..., :shape[-1]]
+    return buf.to(DEV)[..., :shape[-1]]
 
 
 def _symbols(batch, nqb, density, seed=0):
@@ -34,7 +37,7 @@ def _symbols(batch, nqb, density, seed=0):
     keep = torch.rand(batch, H, nqb, generator=g) < density
     if 0.0 < density < 1.0:
         keep[0, 0, 0], keep[0, 1, 0] = True, False
-    return keep
+    return keep.to(DEV)
 
 
 def _nqb(m, row_offset, block_q, spare=1):
@@ -42,7 +45,7 @@ def _nqb(m, row_offset, block_q, spare=1):
 
 
 def _poison(batch, m, n, dtype):
-    return torch.full((batch, m, n), float("nan"), dtype=dtype)
+    return torch.full((batch, m, n), float("nan"), dtype=dtype, device=DEV)
 
 
 def _dense(x, w, b=None):
@@ -65,7 +68,7 @@ def test_refs_follow_the_definition():
         qb = (off + m) // bq
         for h in range(H):
             cols = slice(h * D, (h + 1) * D)
-            want = x[0, m] @ w[cols].T + b[cols] if keep[0, h, qb] else torch.zeros(D, dtype=torch.float64)
+            want = x[0, m] @ w[cols].T + b[cols] if keep[0, h, qb] else torch.zeros(D, dtype=torch.float64, device=x.device)
             torch.testing.assert_close(y[0, m, cols], want)
         torch.testing.assert_close(y[0, m, H * D:], x[0, m] @ w[H * D:].T + b[H * D:])
         cached = sum(a[0, m, h * D:(h + 1) * D] @ wo[:, h * D:(h + 1) * D].T for h in range(H) if not keep[0, h, qb])
@@ -226,14 +229,14 @@ def test_opcheck(monkeypatch):
 def _q_args(**kw):
     D, M, K = 64, 96, 32
     args = dict(x=_rand(1, M, K), weight=_rand(3 * H * D, K), bias=_rand(3 * H * D),
-                q_keep=torch.ones(1, H, 3, dtype=torch.bool), head_dim=D, row_offset=0, block_q=32, sparse_cols=H * D)
+                q_keep=torch.ones(1, H, 3, dtype=torch.bool, device=DEV), head_dim=D, row_offset=0, block_q=32, sparse_cols=H * D)
     args.update(kw)
     return args
 
 
 @pytest.mark.parametrize("bad, match", [
     (dict(x=_rand(96, 32)), r"x must be a 3-D tensor, got \(96, 32\)"),
-    (dict(x=torch.ones(1, 96, 32, dtype=torch.int32)), "x has dtype torch.int32"),
+    (dict(x=torch.ones(1, 96, 32, dtype=torch.int32, device=DEV)), "x has dtype torch.int32"),
     (dict(weight=_rand(384, 16)), r"weight has shape \(384, 16\), expected \[N, K\] with K = x.shape\[-1\] = 32"),
     (dict(weight=_rand(384, 32, dtype=torch.float16)), "weight must match the activations' dtype"),
     (dict(bias=_rand(10)), r"bias has shape \(10,\), expected \(384,\)"),
@@ -241,9 +244,9 @@ def _q_args(**kw):
     (dict(head_dim=0), "head_dim must be a positive int"),
     (dict(sparse_cols=400), r"sparse_cols must be an int in \(0, N=384\]"),
     (dict(sparse_cols=100), "head_dim=64 does not divide sparse_cols=100"),
-    (dict(q_keep=torch.ones(1, 3, 3, dtype=torch.bool)), r"q_keep has shape \(1, 3, 3\), expected \(1, 2, NQB >= 3\)"),
+    (dict(q_keep=torch.ones(1, 3, 3, dtype=torch.bool, device=DEV)), r"q_keep has shape \(1, 3, 3\), expected \(1, 2, NQB >= 3\)"),
     (dict(row_offset=40), r"expected \(1, 2, NQB >= 5\)"),
-    (dict(q_keep=torch.ones(1, H, 3)), "q_keep must be a bool tensor"),
+    (dict(q_keep=torch.ones(1, H, 3, device=DEV)), "q_keep must be a bool tensor"),
     (dict(block_q=48), "block_q must be a power of two"),
     (dict(row_offset=-1), "row_offset must be an int >= 0"),
 ])
@@ -256,7 +259,7 @@ def test_gemm_q_validation(bad, match):
 def _o_args(**kw):
     D, M, N = 64, 96, 48
     args = dict(a=_rand(1, M, H * D), weight=_rand(N, H * D), c=_rand(1, M, N),
-                q_keep=torch.ones(1, H, 3, dtype=torch.bool), head_dim=D, row_offset=0, block_q=32)
+                q_keep=torch.ones(1, H, 3, dtype=torch.bool, device=DEV), head_dim=D, row_offset=0, block_q=32)
     args.update(kw)
     return args
 
@@ -269,7 +272,7 @@ def _o_args(**kw):
     (dict(extra=_rand(1, 90, 16), extra_weight=_rand(48, 16)), r"extra has shape \(1, 90, 16\)"),
     (dict(extra=_rand(1, 96, 16), extra_weight=_rand(48, 8)), r"extra_weight has shape \(48, 8\), expected \(48, 16\)"),
     (dict(head_dim=48), r"head_dim=48 does not divide a.shape\[-1\]=128"),
-    (dict(q_keep=torch.ones(2, H, 3, dtype=torch.bool)), r"q_keep has shape \(2, 2, 3\), expected \(1, 2, NQB >= 3\)"),
+    (dict(q_keep=torch.ones(2, H, 3, dtype=torch.bool, device=DEV)), r"q_keep has shape \(2, 2, 3\), expected \(1, 2, NQB >= 3\)"),
 ])
 def test_gemm_o_validation(bad, match):
     args = _o_args(**bad)

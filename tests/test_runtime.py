@@ -456,8 +456,10 @@ def test_stats_report():
 def test_dispatch_through_triton_kernels(monkeypatch):
     """The same loop on the Triton kernels (interpreter on CPU): dispatch = reference semantics, GEMM-O
     consistent with the attention output. Slow under the interpreter, so one configuration only."""
-    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in __import__("os").environ:
-        pytest.skip("no GPU and the Triton interpreter is not enabled")
+    if __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        # The loop's tensors live on the CPU: the Triton kernels can run them only under the interpreter
+        # (on a GPU machine the kernels' own tests and bench_e2e cover the compiled path).
+        pytest.skip("needs the Triton interpreter (CPU tensors)")
     monkeypatch.setenv("FLASHOMNI_FORCE_TRITON", "1")
     site = make_site(dict(SPARSE, taylor_order=1, interval=4, total_steps=7))
     L = Layer.random(dtype=torch.float32)
