@@ -110,7 +110,7 @@ class FlashOmniConfig:
             runtime_kw = {k: v for k, v in options.items() if k not in compile_kw}
             if compile_kw.get("dump_dir") is None and os.environ.get(DUMP_DIR_ENV):
                 compile_kw["dump_dir"] = os.environ[DUMP_DIR_ENV]
-            cfg = cls(**compile_kw, runtime=RuntimeOptions.from_dict(runtime_kw))
+            cfg = cls(**compile_kw, runtime=RuntimeOptions(**runtime_kw))   # keys checked above
         if mode is not None and mode != "default":
             if cfg.mode is not None and cfg.mode != mode:
                 raise ValueError(f"mode={mode!r} conflicts with options['mode']={cfg.mode!r}")
