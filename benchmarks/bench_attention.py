@@ -39,7 +39,7 @@ from _common import bench_ms, format_table, header, rel_err, tflops, write_resul
 
 from flashomni_compile.kernels import attention  # noqa: E402
 from flashomni_compile.kernels.attention import KernelConfig, sparse_attention_triton  # noqa: E402
-from flashomni_compile.symbols import kv_block_lists, num_blocks  # noqa: E402
+from flashomni_compile.symbols import dense_equivalent_flops, kv_block_lists, num_blocks  # noqa: E402
 
 BLOCK = 128
 TOL = 2e-2  # bf16 operands (conftest.REL_TOL[bfloat16])
@@ -231,7 +231,7 @@ def main(argv=None):
     for N in Ns:
         q, k, v = make_qkv(B, H, N, D, device, seed=N)
         cache = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16)
-        flops_dense = 4.0 * B * H * N * N * D
+        flops_dense = dense_equivalent_flops(B, H, N, N, D)
         nb = num_blocks(N, BLOCK)
         qblocks = sorted({0, nb - 1, nb // 3, (2 * nb) // 3})
         heads = [0, H - 1]

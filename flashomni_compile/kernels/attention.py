@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..symbols import expand_kv_keep
+
 try:  # host-side TMA descriptors (triton >= 3.4); the pointer path never needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton
@@ -403,9 +405,7 @@ def sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s = torch.einsum("bhqd,bhkd->bhqk", q.to(cdt), k.to(cdt)) * scale
     visible = torch.ones(B, H, Nq, Nkv, dtype=torch.bool, device=q.device)
     if kv_count is not None:
-        keep = kv_keep_from_lists(kv_count, kv_index)
-        keep = keep.repeat_interleave(block_q, dim=-2)[..., :Nq, :]
-        visible &= keep.repeat_interleave(block_kv, dim=-1)[..., :Nkv]
+        visible &= expand_kv_keep(kv_keep_from_lists(kv_count, kv_index), Nq, Nkv, block_q, block_kv)
     if key_padding_mask is not None:
         visible &= key_padding_mask[:, None, None, :]
     s = s.masked_fill(~visible, float("-inf"))
