@@ -31,7 +31,7 @@ This is FlexAttention's ``kv_num_blocks`` / ``kv_indices`` pair, so a kernel wal
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -71,7 +71,7 @@ class SparseSymbols:
         block_kv: kv-block size ``BKV``.
 
     The tensors are validated on construction (shapes, dtypes, same device) and may be edited in place
-    afterwards (policies do); call :meth:`kv_lists` again after editing ``kv_keep``.
+    afterwards (policies do).
 
     Example::
 
@@ -88,7 +88,6 @@ class SparseSymbols:
     seq_kv: int
     block_q: int = 128
     block_kv: int = 128
-    _lists: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate_symbols(self.q_keep, self.kv_keep, self.seq_q, self.seq_kv, self.block_q, self.block_kv)
@@ -105,11 +104,9 @@ class SparseSymbols:
                    seq_q, seq_kv, block_q, block_kv)
 
     # -- derived forms --------------------------------------------------------------------------
-    def kv_lists(self, refresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(kv_count, kv_index)``, the kernel form of ``kv_keep`` (cached; ``refresh`` rebuilds)."""
-        if refresh or self._lists is None:
-            self._lists = kv_block_lists(self.kv_keep)
-        return self._lists
+    def kv_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kv_count, kv_index)``, the kernel form of ``kv_keep`` (built anew from it on each call)."""
+        return kv_block_lists(self.kv_keep)
 
     def token_mask(self) -> torch.Tensor:
         """The dense bool mask ``[B, H, Nq, Nkv]`` that ``kv_keep`` means (for tests and references)."""

@@ -104,10 +104,6 @@ def _site_cfg(site: int) -> tuple[SiteSpec, Optional[RuntimeOptions], Any, bool,
     return cfg
 
 
-def site_config(site: int) -> tuple[SiteSpec, Optional[RuntimeOptions], Any]:
-    """``(spec, options for this site (overrides applied) or None, policy instance or None)``."""
-    return _site_cfg(site)[:3]
-
 
 def reset() -> None:
     """Forget all run-time state: per-layer symbols and caches, step counters, statistics, resolved options."""
