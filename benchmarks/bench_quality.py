@@ -144,9 +144,9 @@ def reset_runtime() -> None:
 def runtime_density() -> dict:
     """Attention density actually used, from the runtime's per-site statistics.
 
-    Per site: update steps count as dense; dispatch steps as ``q_density * kv_density`` of the last
-    update (the fraction of (q-block, kv-block) tiles computed when cached rows skip all their kv-blocks).
-    ``density`` is the mean over sites; no statistics (the dense policy keeps none) means 1.0.
+    Per site: update steps count as dense; dispatch steps as ``kv_density``, the fraction of (query, key)
+    pairs computed (cached q-blocks count 0), averaged over the dispatch steps. ``density`` is the mean
+    over sites; no statistics (the dense policy keeps none) means 1.0.
     """
     import flashomni_compile
 
@@ -157,7 +157,7 @@ def runtime_density() -> dict:
     for s in rows:
         q = 1.0 if s.q_density is None else s.q_density
         kv = 1.0 if s.kv_density is None else s.kv_density
-        per_site.append((s.updates + s.dispatches * q * kv) / (s.updates + s.dispatches))
+        per_site.append((s.updates + s.dispatches * kv) / (s.updates + s.dispatches))
         qd.append(q)
         kd.append(kv)
     n = len(rows)
@@ -245,6 +245,7 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
         record(args.baseline_backend, "dense", {}, out, base_ms, ref, base_ms, eager_ms)
 
     missing = backend_status()
+    compiled = None   # one flashomni compile per model; each configuration is set with set_runtime_options
     for spec in args.policy:
         for policy, params in parse_policy(spec):
             if missing:
@@ -255,10 +256,15 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
                 record("flashomni", policy, params, None, None, ref, base_ms, eager_ms,
                        status=f"skipped: --time-budget {args.time_budget:g} s spent")
                 continue
-            reset_runtime()
             try:
-                backend, options = flashomni(backend_options(policy, params, args.steps))
-                compiled = torch.compile(model, backend=backend, options=options)
+                options = backend_options(policy, params, args.steps)
+                if compiled is None:
+                    reset_runtime()
+                    backend, backend_opts = flashomni(options)
+                    compiled = torch.compile(model, backend=backend, options=backend_opts)
+                import flashomni_compile
+                flashomni_compile.clear_step()
+                flashomni_compile.set_runtime_options(options)   # also drops the previous run-time state
                 run = runner(compiled, set_step)
                 out = run()  # verify before timing (this call also compiles)
             except Exception as e:  # report, do not hide: the run goes on with the next configuration
@@ -278,6 +284,8 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
             out, ms, _ = timed_loop(run, args.reps)
             record("flashomni", policy, params, out, ms, ref, base_ms, eager_ms, density)
     if not missing:
+        import flashomni_compile
+        flashomni_compile.set_runtime_options(None)
         reset_runtime()
     return records
 

@@ -9,6 +9,7 @@ from .explain import ExplainReport, explain
 from .kernels.ops import out_proj_cache, sparse_attention, sparse_linear_o, sparse_linear_q
 from .runtime.controller import StepCallback, clear_step, set_step, step_callback
 from .runtime.engine import reset as reset_runtime
+from .runtime.engine import set_runtime_options
 from .runtime.hooks import clear_symbol_hooks, register_symbol_hook
 from .runtime.options import RuntimeOptions
 from .runtime.policies import (DensePolicy, FlashOmniPolicy, LayerCachePolicy, PolicyContext, PooledQKPolicy,
@@ -23,6 +24,7 @@ __all__ = [
     "FlashOmniConfig", "explain", "ExplainReport",
     # runtime
     "RuntimeOptions", "set_step", "clear_step", "StepCallback", "step_callback", "reset_runtime",
+    "set_runtime_options",
     "get_policy", "policy_names", "register_policy", "PolicyContext", "DensePolicy", "WindowPolicy",
     "PooledQKPolicy", "QCachePolicy", "LayerCachePolicy", "FlashOmniPolicy",
     "register_symbol_hook", "clear_symbol_hooks", "site_stats", "stats_report",

@@ -43,3 +43,13 @@ def _restore_policy_registry():
     yield
     policies._REGISTRY.clear()
     policies._REGISTRY.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _clear_runtime_override():
+    """``set_runtime_options`` is process-global: no test leaks its override into the next."""
+    from flashomni_compile.runtime import engine
+
+    yield
+    if engine.runtime_options_override() is not None:
+        engine.set_runtime_options(None)

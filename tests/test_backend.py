@@ -182,3 +182,34 @@ def test_site_ops_stay_out_of_cuda_graphs():
     # The step schedule is host logic inside the site ops: a CUDA-graph replay would freeze one step kind.
     for op in (torch.ops.flashomni.site_attention, torch.ops.flashomni.site_linear_q, torch.ops.flashomni.site_linear_o):
         assert torch.Tag.cudagraph_unsafe in op.default.tags
+
+
+def test_set_runtime_options_switches_policy_without_recompiling():
+    """One compiled graph serves every setting: the override changes what the site ops do (the dense
+    policy keeps no per-layer state; a sparse one does), never the graph; None restores the compile-time
+    options; compile-side keys are refused."""
+    from flashomni_compile.runtime.state import all_layer_states
+
+    flashomni_compile.reset_runtime()   # earlier tests' layers
+    model, kw = M.flux()
+    compiled = torch.compile(model, backend="flashomni", fullgraph=True,
+                             options={"inner_backend": "aot_eager", "policy": "dense"})
+    with torch.no_grad():
+        ref = first(model(**kw))
+    sparse = {"policy": "pooled_qk", "policy_args": {"tau_kv": 0.5}, "block_q": 16, "block_kv": 16,
+              "warmup": 1, "interval": 2}
+    with fo_backend.capture() as records, torch.no_grad():
+        torch.testing.assert_close(first(compiled(**kw)), ref, rtol=1e-5, atol=1e-5)
+        assert all_layer_states() == []                       # compiled policy: dense, no state
+        flashomni_compile.set_runtime_options(sparse)
+        for _ in range(3):
+            out = first(compiled(**kw))
+        assert all_layer_states() and all(st.options.policy == "pooled_qk" for st in all_layer_states())
+        assert any(st.stats.dispatches for st in all_layer_states())
+        assert not torch.equal(out, ref)                      # the dispatch step really skipped blocks
+        flashomni_compile.set_runtime_options(None)
+        torch.testing.assert_close(first(compiled(**kw)), ref, rtol=1e-5, atol=1e-5)
+        assert all_layer_states() == []
+    assert len(records) == 1, "compiled once"
+    with pytest.raises(ValueError, match=r"unknown flashomni run-time option\(s\) 'inner_backend'"):
+        flashomni_compile.set_runtime_options({"inner_backend": "eager"})

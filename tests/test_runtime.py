@@ -441,16 +441,28 @@ def test_site_overrides_apply_by_name():
 def test_stats_report():
     from flashomni_compile.runtime.stats import site_stats, stats_report
 
-    site = make_site(SPARSE)
+    # ramped thresholds: each update's symbols differ, so a mean over dispatch steps differs from the last
+    site = make_site(dict(SPARSE, policy_args=dict(tau_kv=(0.05, 0.6), cache_fraction=(0.2, 0.6),
+                                                   layer_threshold=0.0)))
     L = Layer.random()
-    _kinds(site, L, STEPS)
+    # the densities each dispatch step ran with, taken from the symbols in force at that step
+    ran = []
+    for step in range(STEPS):
+        forward(site, L, inputs(step))
+        st = engine._state(site, L.anchor)
+        if st.current.kind == "dispatch":
+            sym = st.branches[0].symbols
+            ran.append((float(sym.q_density()), float(sym.kv_density())))
     (s,) = site_stats()
     assert (s.name, s.layers, s.updates, s.dispatches) == ("blocks.0.attn", 1, 6, 4)
     assert 0 < s.q_density < 1 and 0 < s.kv_density < 1 and s.cache_mib > 0
     assert s.ms_per_update > 0 and s.ms_per_dispatch > 0
     text = stats_report()
     assert "blocks.0.attn" in text and "kv-density" in text
-    assert math.isclose(float(engine._state(site, L.anchor).branches[0].symbols.q_density()), s.q_density)
+    # reported densities are the means over dispatch steps, not the last update's
+    assert len(set(ran)) > 1, "the symbols should change between updates for this test to bite"
+    assert math.isclose(s.q_density, sum(q for q, _ in ran) / len(ran), rel_tol=1e-6)
+    assert math.isclose(s.kv_density, sum(kv for _, kv in ran) / len(ran), rel_tol=1e-6)
 
 
 def test_dispatch_through_triton_kernels(monkeypatch):

@@ -51,7 +51,7 @@ from .policies import DensePolicy, PolicyContext, get_policy, pooled_scores
 from .spec import SiteSpec, get_site
 from .state import _STATES, DISPATCH, UPDATE, BranchState, LayerState, layer_state, reset_state
 
-__all__ = ["attention", "linear_q", "linear_o", "reset"]
+__all__ = ["attention", "linear_q", "linear_o", "reset", "set_runtime_options", "runtime_options_override"]
 
 
 def _bnhd(out: Tensor) -> Tensor:
@@ -87,6 +87,31 @@ def _dense_linear_o(a, weight, bias, extra, extra_weight) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 # site -> (spec, options or None, policy or None, dense-unless-a-hook-is-registered, always dense)
 _SITE_CFG: dict[int, tuple[SiteSpec, Optional[RuntimeOptions], Any, bool, bool]] = {}
+# set_runtime_options: replaces every flashomni site's compile-time run-time options (None: not set)
+_OVERRIDE: Optional[RuntimeOptions] = None
+
+
+def set_runtime_options(options: Any = None) -> None:
+    """Replace the run-time options (policy, schedule, cache, hook, ...) of every site compiled by the
+    flashomni backend, without recompiling: the graph carries only site indices, so the next forward
+    reads the new options. ``options`` is a dict of run-time keys (validated like ``options=`` of
+    ``torch.compile``; compile-side keys such as ``inner_backend`` are refused) or a ``RuntimeOptions``;
+    ``None`` returns to the options each site was compiled with. All run-time state (symbols, caches,
+    step counters, statistics) is dropped, as by ``reset_runtime()``.
+
+        compiled = torch.compile(model, backend="flashomni")
+        for tau in (0.1, 0.2, 0.3):
+            flashomni_compile.set_runtime_options({"policy": "pooled_qk", "policy_args": {"tau_kv": tau}})
+            run(compiled)                                  # no recompilation between settings
+    """
+    global _OVERRIDE
+    _OVERRIDE = None if options is None else RuntimeOptions.from_dict(options)
+    reset()
+
+
+def runtime_options_override() -> Optional[RuntimeOptions]:
+    """The options set by ``set_runtime_options`` (None when the compile-time options apply)."""
+    return _OVERRIDE
 
 
 def _site_cfg(site: int) -> tuple[SiteSpec, Optional[RuntimeOptions], Any, bool, bool]:
@@ -94,6 +119,8 @@ def _site_cfg(site: int) -> tuple[SiteSpec, Optional[RuntimeOptions], Any, bool,
     if cfg is None:
         spec = get_site(site)
         opts = resolve_options(spec.options)
+        if opts is not None and _OVERRIDE is not None:
+            opts = _OVERRIDE
         if opts is not None:
             opts = opts.for_site(spec.name)
             policy = get_policy(opts.policy, **opts.policy_args)
@@ -106,7 +133,8 @@ def _site_cfg(site: int) -> tuple[SiteSpec, Optional[RuntimeOptions], Any, bool,
 
 
 def reset() -> None:
-    """Forget all run-time state: per-layer symbols and caches, step counters, statistics, resolved options."""
+    """Forget all run-time state: per-layer symbols and caches, step counters, statistics, resolved options
+    (an override from ``set_runtime_options`` stays in force)."""
     reset_state()
     _SITE_CFG.clear()
 
@@ -170,7 +198,10 @@ def attention(site: int, anchor: Tensor, q: Tensor, k: Tensor, v: Tensor,
         st.stats.updates += 1
     else:
         out = _attention_dispatch(st, p.branch, p.step, q, k, v, key_padding_mask, scale)
-        st.stats.dispatches += 1
+        if p.branch is st.branches[0]:
+            st.stats.record_dispatch()
+        else:
+            st.stats.dispatches += 1
     st.attn_done = True
     _timed(st, p.kind, t0, q.device)
     return out
@@ -275,8 +306,7 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
     br.last_update = step
 
     if br is st.branches[0]:
-        st.stats.q_density = br.symbols.q_density()
-        st.stats.kv_density = br.symbols.kv_density()
+        st.stats.record_update(br.symbols.q_density(), br.symbols.kv_density())
         st.stats.cache_order = -1 if br.cache is None else br.cache.active_order
     st.stats.cache_bytes = _cache_bytes(st)
     return out

@@ -1,8 +1,10 @@
 """Per-site statistics: density, update/dispatch counts, time, cache memory; and a readable report.
 
 Counters and times are host values; densities are device scalars recorded at update steps and only
-read (one sync) when a report is made, so collecting them costs nothing on the hot path. Times are
-host launch times unless ``options={"timing": True}`` synchronises around every site call.
+read (one sync) when a report is made, so collecting them costs nothing on the hot path. Each update's
+densities are weighted by the number of dispatch steps its symbols served, so a policy whose
+thresholds ramp over the steps is reported by what the dispatch steps actually ran. Times are host
+launch times unless ``options={"timing": True}`` synchronises around every site call.
 
     >>> print(stats_report())          # doctest: +SKIP
     site                     layers  updates  dispatches  q-density  kv-density  cache MiB  ms/update  ms/dispatch
@@ -11,7 +13,7 @@ host launch times unless ``options={"timing": True}`` synchronises around every 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import Tensor
@@ -32,8 +34,29 @@ class LayerStats:
     dispatch_s: float = 0.0
     q_density: Optional[Tensor] = None       # device scalar, last update (branch 0)
     kv_density: Optional[Tensor] = None
+    # one [q_density, kv_density, dispatches served] entry per update of branch 0 (densities: device
+    # scalars, read only by ``site_stats``)
+    periods: list = field(default_factory=list)
     cache_bytes: int = 0
     cache_order: int = -1                    # Taylor order in use after the last update; -1: no cache
+
+    def record_update(self, q_density: Tensor, kv_density: Tensor) -> None:
+        self.q_density, self.kv_density = q_density, kv_density
+        self.periods.append([q_density, kv_density, 0])
+
+    def record_dispatch(self) -> None:
+        self.dispatches += 1
+        if self.periods:
+            self.periods[-1][2] += 1
+
+    def dispatch_densities(self) -> Optional[tuple[float, float]]:
+        """``(q, kv)`` densities averaged over the dispatch steps (each update's symbols weighted by the
+        dispatch steps they served); the last update's when no dispatch ran; None before any update."""
+        served = [(q, kv, n) for q, kv, n in self.periods if n > 0]
+        if not served:
+            return None if self.q_density is None else (float(self.q_density), float(self.kv_density))
+        n = sum(p[2] for p in served)
+        return (sum(float(q) * k for q, _, k in served) / n, sum(float(kv) * k for _, kv, k in served) / n)
 
     def add_time(self, kind: str, seconds: float) -> None:
         if kind == "update":
@@ -51,8 +74,8 @@ class SiteStats:
     layers: int
     updates: int
     dispatches: int
-    q_density: Optional[float]       # mean over layers of the last update's q-density
-    kv_density: Optional[float]      # mean over layers of the last update's kv-density
+    q_density: Optional[float]       # fraction of (q-block, head) pairs computed: mean over layers and dispatch steps
+    kv_density: Optional[float]      # fraction of (query, key) pairs computed (cached q-blocks count 0): same mean
     cache_mib: float                 # feature cache + GEMM-O cache, all layers
     ms_per_update: Optional[float]   # per layer call set (linear_q + attention + linear_o)
     ms_per_dispatch: Optional[float]
@@ -67,8 +90,8 @@ def site_stats() -> list[SiteStats]:
         by_site.setdefault(st.site, []).append(st.stats)
     out = []
     for site, ls in sorted(by_site.items()):
-        qd = [float(s.q_density) for s in ls if s.q_density is not None]
-        kd = [float(s.kv_density) for s in ls if s.kv_density is not None]
+        dens = [d for d in (s.dispatch_densities() for s in ls) if d is not None]
+        qd, kd = [d[0] for d in dens], [d[1] for d in dens]
         up, di = sum(s.updates for s in ls), sum(s.dispatches for s in ls)
         out.append(SiteStats(
             name=ls[0].site_name, site=site, layers=len(ls), updates=up, dispatches=di,
