@@ -7,7 +7,10 @@ Both implementations run the same Euler flow-matching loop (``x <- x + (t_next -
 noise, with regional compilation (diffusers' ``compile_repeated_blocks``: one compile per block class,
 per-layer state in flashomni's runtime). The baseline is ``backend="inductor"`` with SDPA's default
 backend. flashomni runs its default policy and schedule (``RuntimeOptions`` defaults) with
-``total_steps`` set, so the last step is an update step.
+``total_steps`` set, so the last step is an update step; ``--config NAME=JSON`` adds configurations
+(run-time options) that reuse the same compiled graphs through ``set_runtime_options``. Random weights
+give near-uniform attention, on which the default policy keeps almost every block; a configuration
+with fixed thresholds (e.g. ``tau_kv``) measures the speed at a chosen density, reported beside it.
 
 Per step the loop synchronises and reads a host clock (the benchmark's own syncs, outside the model);
 ``update_step_ms`` / ``dispatch_step_ms`` are medians over the steps of each kind (Inductor: every
@@ -89,53 +92,92 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
     x0 = kw[_latents_key(name)].clone()
     tokens = None
     records = []
-    final = {}
     runtime = {"total_steps": args.steps, **json.loads(args.runtime)}
-    opts = RuntimeOptions(**runtime)
-    for impl in ("inductor", "flashomni"):
-        torch._dynamo.reset()
-        engine.reset()
+    configs = parse_configs(args.config)
+    runs = [("inductor", None, None)] + [("flashomni", cname, {**runtime, **c}) for cname, c in configs]
+    compiled_fo = False
+    for impl, cname, options in runs:
+        opts = RuntimeOptions(**options) if options is not None else RuntimeOptions(**runtime)
         if impl == "inductor":
+            torch._dynamo.reset()
+            engine.set_runtime_options(None)
+            engine.reset()
             model.compile_repeated_blocks(backend="inductor", fullgraph=True)
-        else:
-            model.compile_repeated_blocks(backend="flashomni", fullgraph=True,
-                                          options={"policy": "flashomni", **runtime})
+        elif not compiled_fo:
+            torch._dynamo.reset()
+            engine.reset()
+            model.compile_repeated_blocks(backend="flashomni", fullgraph=True, options={"policy": "flashomni", **options})
+            compiled_fo = True
+        if impl == "flashomni":
+            engine.set_runtime_options(options)   # later configurations: same compiled graphs, no recompile
         with torch.no_grad():
             # Warm-up: compiles, and runs the first update and dispatch steps (Triton JIT) once.
             t0 = time.perf_counter()
             denoise(model, kw, name, args.steps, x0, run_steps=min(args.steps, opts.warmup + 2))
             warm_s = time.perf_counter() - t0
+            engine.reset()                          # statistics of the timed loop only
             x, times = denoise(model, kw, name, args.steps, x0)
+            density = runtime_density() if impl == "flashomni" else None
             if args.profile and impl == "flashomni":   # after the timed loop: one update and one dispatch step
                 steps = {k: None for k in (opts.warmup, opts.warmup + 1)}
                 denoise(model, kw, name, args.steps, x0, run_steps=opts.warmup + 2, profile=steps)
                 for i, table in steps.items():
-                    print(f"--- {name} flashomni step {i} ({step_kind(i, args.steps, opts)}) ---\n{table}")
+                    print(f"--- {name} flashomni [{cname}] step {i} ({step_kind(i, args.steps, opts)}) ---\n{table}")
         kinds = ["update"] * args.steps if impl == "inductor" else \
             [step_kind(i, args.steps, opts) for i in range(args.steps)]
         upd = [t for t, k in zip(times, kinds) if k == "update"]
         dis = [t for t, k in zip(times, kinds) if k == "dispatch"]
-        final[impl] = x.float()
         tokens = tokens or _tokens(name, kw, model)
         rec = {"model": "hunyuan_video" if name == "hunyuan_video" else "flux", "tokens": tokens,
-               "steps": args.steps, "impl": impl, "total_s": sum(times) / 1e3, "warmup_s": warm_s,
+               "steps": args.steps, "impl": impl, "config": cname, "total_s": sum(times) / 1e3, "warmup_s": warm_s,
                "update_step_ms": statistics.median(upd) if upd else None,
                "dispatch_step_ms": statistics.median(dis) if dis else None,
                "n_update": len(upd), "n_dispatch": len(dis),
                "layers": {k: v for k, v in cfg.items() if k in ("num_layers", "num_single_layers")},
-               "runtime_options": runtime if impl == "flashomni" else None}
+               "runtime_options": options, **(density or {})}
+        if impl == "inductor":
+            base, ref = rec, x.float()
+            rec["rel_l2"] = 0.0
+        else:
+            rec["rel_l2"] = rel_err(x.float(), ref)
+            rec["speedup"] = base["total_s"] / rec["total_s"]
+            if rec["dispatch_step_ms"]:
+                rec["dispatch_speedup"] = base["update_step_ms"] / rec["dispatch_step_ms"]
         records.append(rec)
-    records[1]["rel_l2"] = rel_err(final["flashomni"], final["inductor"])
-    records[0]["rel_l2"] = 0.0
-    base, ours = records
-    ours["speedup"] = base["total_s"] / ours["total_s"]
-    if ours["dispatch_step_ms"]:
-        ours["dispatch_speedup"] = base["update_step_ms"] / ours["dispatch_step_ms"]
+    engine.set_runtime_options(None)
     del model, kw
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return records
+
+
+def parse_configs(specs: list[str] | None) -> list[tuple[str, dict]]:
+    """``--config NAME=JSON`` (repeatable) -> [(name, run-time options)]; none given: the defaults."""
+    if not specs:
+        return [("default", {})]
+    out = []
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--config {spec!r}: expected NAME=JSON, e.g. default={{}}")
+        out.append((name, json.loads(text)))
+    return out
+
+
+def runtime_density() -> dict:
+    """Densities the flashomni runtime used in the last loop (means over sites and dispatch steps):
+    ``q_density`` computed (q-block, head) pairs, ``kv_density`` computed (query, key) pairs (cached
+    q-blocks count 0), ``density`` the attention work over all steps (update steps count 1)."""
+    from flashomni_compile.runtime.stats import site_stats
+
+    rows = [s for s in site_stats() if s.updates + s.dispatches]
+    if not rows:
+        return {}
+    q = [1.0 if s.q_density is None else s.q_density for s in rows]
+    kv = [1.0 if s.kv_density is None else s.kv_density for s in rows]
+    work = [(s.updates + s.dispatches * k) / (s.updates + s.dispatches) for s, k in zip(rows, kv)]
+    return {"q_density": sum(q) / len(q), "kv_density": sum(kv) / len(kv), "density": sum(work) / len(work)}
 
 
 def _tokens(name: str, kw: dict, model) -> int:
@@ -159,6 +201,9 @@ def main():
     p.add_argument("--hv-thw", default="13,80,128", help="latent frames,height,width (patch 1x2x2): "
                    "13,80,128 -> 33,280 video tokens")
     p.add_argument("--runtime", default="{}", help='extra run-time options as JSON, e.g. \'{"taylor_order": 0}\'')
+    p.add_argument("--config", action="append", default=None, metavar="NAME=JSON",
+                   help="a flashomni configuration (run-time options on top of --runtime), repeatable; all "
+                        "share one compile (set_runtime_options). Default: default={}")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one update and "
                    "one dispatch step of flashomni (not timed)")
     p.add_argument("--out", default=None)
@@ -169,8 +214,8 @@ def main():
     for name in args.models.split(","):
         records += run_model(name, args, device, dtype)
         write_results(out, header(), records)          # after each model: a later time-out keeps these
-    print(format_table(records, ["model", "tokens", "impl", "total_s", "update_step_ms", "dispatch_step_ms",
-                                 "n_dispatch", "speedup", "dispatch_speedup", "rel_l2"]))
+    print(format_table(records, ["model", "tokens", "impl", "config", "total_s", "update_step_ms", "dispatch_step_ms",
+                                 "n_dispatch", "kv_density", "speedup", "dispatch_speedup", "rel_l2"]))
 
 
 if __name__ == "__main__":
