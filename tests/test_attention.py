@@ -183,6 +183,39 @@ def test_empty_rows_are_zero_never_nan(device, gen):
     assert_close(out, lse, ref_out, ref_lse, torch.float16, gen.initial_seed())
 
 
+def test_suffix_padding_takes_the_unmasked_loop_where_it_can(device, gen):
+    """HunyuanVideo's layout: text last, padded at the end, a different text length per batch element,
+    Nkv not a multiple of the block. The launcher moves the blocks holding padding (and the partial
+    block) to the end of each list so the others run unmasked; the result must still be the reference."""
+    from flashomni_compile.kernels.attention import split_masked_blocks
+
+    B, H, N, D = 2, 2, 300, 64
+    q, k, v = qkv(B, H, N, N, D, torch.bfloat16, device, gen)
+    q_keep, kv_keep = symbols(B, H, N, N, 64, 64, 0.7, 0.8, device, gen)
+    q_keep[:, :, 0] = True
+    cache = torch.randn(B, H, N, D, generator=gen, device=device).to(torch.bfloat16)
+    kpm = torch.ones(B, N, dtype=torch.bool, device=device)
+    kpm[0, 150:] = False                  # blocks 2 (partly), 3, 4 hold padding
+    kpm[1, 290:] = False                  # only the partial last block
+    cnt, idx = kv_block_lists(kv_keep)
+    new_idx, full = split_masked_blocks(cnt, idx, kpm, 64)
+    # same kept set per row; unmasked blocks first (ascending), then masked ones (ascending)
+    blk_masked = torch.tensor([[False, False, True, True, True], [False, False, False, False, True]], device=device)
+    for b in range(B):
+        for h in range(H):
+            for qb in range(5):
+                n, f = int(cnt[b, h, qb]), int(full[b, h, qb])
+                kept = idx[b, h, qb, :n].tolist()
+                got = new_idx[b, h, qb, :n].tolist()
+                assert sorted(got) == kept
+                assert got[:f] == [j for j in kept if not blk_masked[b, j]]
+                assert got[f:] == [j for j in kept if blk_masked[b, j]]
+    assert (full > 0).any() and (full < cnt).any(), "both loops must run somewhere for this test to bite"
+    out, lse = sparse_attention_triton(q, k, v, q_keep, cnt, idx, cache, kpm, 1 / 8, 64, 64)
+    ref_out, ref_lse = reference(q, k, v, q_keep, kv_keep, cache, kpm, 1 / 8, 64, 64)
+    assert_close(out, lse, ref_out, ref_lse, torch.bfloat16, gen.initial_seed())
+
+
 def test_lse_merges_split_attention(device, gen):
     """LSE is what merging partial attentions needs: attention over kv-blocks {0} and {1, 2} merged by
     their LSEs equals attention over all three."""

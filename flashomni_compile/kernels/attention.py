@@ -52,7 +52,10 @@ _LN2 = tl.constexpr(0.6931471805599453)  # lse = log2-sum * ln(2)
 # constexpr flags:
 #   HAS_QKEEP   q_keep given (else every q-block is computed)
 #   HAS_LISTS   (kv_count, kv_index) given (else every kv-block is kept: dense)
-#   HAS_KPM     key_padding_mask given: every tile goes through the masked path
+#   HAS_KPM     key_padding_mask given: tiles of blocks holding a masked key take the masked path
+#   KPM_SPLIT   with HAS_KPM and HAS_LISTS: each list is ordered with the blocks that need no mask
+#               first, and KVFULL[b, h, q-block] counts them (the launcher builds both); without it,
+#               every tile takes the masked path
 #   EVEN_KV     Nkv % SYM_KV == 0: no partial kv-block, so kept tiles need no key mask
 #   USE_TMA     K/V tiles come through host TMA descriptors (sm90+) instead of pointer loads
 #   DOT_F32     interpreter only: triton's interpreter (3.6, 3.9) multiplies bf16 tiles as their raw
@@ -142,7 +145,7 @@ def _attn_kv_loop(acc, l_i, m_i, q,
 
 
 @triton.jit
-def _sparse_attn_fwd(Q, K, V, O, LSE, CACHE, QKEEP, KVCOUNT, KVINDEX, KPM, desc_k, desc_v,
+def _sparse_attn_fwd(Q, K, V, O, LSE, CACHE, QKEEP, KVCOUNT, KVINDEX, KVFULL, KPM, desc_k, desc_v,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
@@ -158,7 +161,7 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, CACHE, QKEEP, KVCOUNT, KVINDEX, KPM, desc_
                      BLOCK_D: tl.constexpr, SYM_Q: tl.constexpr, SYM_KV: tl.constexpr,
                      HAS_QKEEP: tl.constexpr, HAS_LISTS: tl.constexpr, HAS_KPM: tl.constexpr,
                      EVEN_KV: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
-                     STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr):
+                     KPM_SPLIT: tl.constexpr, STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr):
     """One program: BLOCK_M query rows of one (b, h); walks only the kept kv-blocks of its q-block."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # int64 before any stride product: B*H*N*D may pass 2**31
@@ -196,7 +199,10 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, CACHE, QKEEP, KVCOUNT, KVINDEX, KPM, desc_
         # last list entry.
         n_full = cnt
         if HAS_KPM:
-            n_full = cnt * 0
+            if KPM_SPLIT:   # the list's first KVFULL entries hold no masked key and no partial block
+                n_full = tl.load(KVFULL + off_b * stride_cnt_b + off_h * stride_cnt_h + qb * stride_cnt_q)
+            else:
+                n_full = cnt * 0
         elif not EVEN_KV:
             if HAS_LISTS:
                 last = tl.load(IDX + (cnt - 1) * stride_idx_j, mask=cnt > 0, other=-1)
@@ -330,9 +336,15 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Capping by the symbol blocks keeps a kept symbol block a whole number of tiles (powers of two).
     block_m, block_n = min(cfg.block_m, block_q), min(cfg.block_n, block_kv)
     stages = cfg.stages(lists=kv_count is not None)
-    # The masked loop covers only the partial last kv-block unless a key padding mask sends every tile
-    # through it; 2 stages there keep both loops' buffers under 227 KB (D=128, 128x128 tiles, ptxas).
-    masked_stages = cfg.num_stages if key_padding_mask is not None else 2
+    # With a key padding mask and lists, the lists are reordered so that the blocks holding a masked
+    # key (or the partial last block) come last: the rest run the unmasked, fully pipelined loop.
+    kv_full = None
+    if key_padding_mask is not None and kv_count is not None:
+        kv_index, kv_full = split_masked_blocks(kv_count, kv_index, key_padding_mask, block_kv)
+    # The masked loop covers only the partial last kv-block (and blocks with masked keys) unless a key
+    # padding mask without lists sends every tile through it; 2 stages there keep both loops' buffers
+    # under 227 KB (D=128, 128x128 tiles, ptxas).
+    masked_stages = cfg.num_stages if (key_padding_mask is not None and kv_full is None) else 2
     if q.element_size() == 4:
         # fp32 tiles take twice the shared memory: 128x128 fp32 K/V tiles overflow Hopper's 227 KB.
         block_m, block_n = min(block_m, 64), min(block_n, 64 if block_d <= 128 else 32)
@@ -348,6 +360,9 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Absent optional tensors: pass q as a never-dereferenced placeholder (constexpr flags gate it).
     qk_, cnt_, idx_ = (q_keep if q_keep is not None else q, kv_count if kv_count is not None else q,
                        kv_index if kv_index is not None else q)
+    full_ = kv_full if kv_full is not None else q
+    if kv_full is not None and kv_full.stride() != kv_count.stride():
+        raise AssertionError("kv_full must share kv_count's strides (the kernel reads both with them)")
     cache_ = cache if cache is not None else q
     kpm_ = key_padding_mask if key_padding_mask is not None else q
     s_keep = q_keep.stride() if q_keep is not None else (0, 0, 0)
@@ -356,14 +371,15 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s_kpm = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     grid = (triton.cdiv(Nq, block_m), B * H)
     _sparse_attn_fwd[grid](
-        q, k, v, out, lse, cache_, qk_, cnt_, idx_, kpm_, desc_k, desc_v,
+        q, k, v, out, lse, cache_, qk_, cnt_, idx_, full_, kpm_, desc_k, desc_v,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *cache_.stride(),
         *s_keep, *s_cnt, *s_idx, *s_kpm,
         H, Nq, Nkv, nkb, float(scale) * _LOG2E,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SYM_Q=block_q, SYM_KV=block_kv,
         HAS_QKEEP=q_keep is not None, HAS_LISTS=kv_count is not None,
         HAS_KPM=key_padding_mask is not None, EVEN_KV=Nkv % block_kv == 0, USE_TMA=use_tma,
-        DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda, STAGES=stages, MASKED_STAGES=masked_stages,
+        DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda, KPM_SPLIT=kv_full is not None,
+        STAGES=stages, MASKED_STAGES=masked_stages,
         num_warps=cfg.num_warps, num_stages=stages,
     )
     return out, lse
@@ -379,6 +395,30 @@ def empty_output(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
     out = torch.empty(B, Nq, H, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     return out, lse
+
+
+def split_masked_blocks(kv_count: torch.Tensor, kv_index: torch.Tensor, key_padding_mask: torch.Tensor,
+                        block_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder the kv lists so that each row's kept blocks needing no mask come first (ascending), then
+    the kept blocks holding a masked key or the partial last block (ascending), then the unused entries;
+    return ``(index, full)`` with ``full [B, H, NQB]`` (int32, ``kv_count``'s strides) counting the first
+    group. The set of kept blocks is unchanged, only the order the kernel visits them (online softmax
+    is order-independent up to rounding). Device ops only: no host synchronisation."""
+    B, Nkv = key_padding_mask.shape
+    nkb = kv_index.shape[-1]
+    pad = nkb * block_kv - Nkv
+    masked = torch.nn.functional.pad(torch.logical_not(key_padding_mask), (0, pad), value=True)
+    blk_masked = masked.view(B, nkb, block_kv).any(-1)                          # [B, NKB]
+    idx = kv_index.long()
+    needs = torch.gather(blk_masked[:, None, None, :].expand(idx.shape), -1, idx)
+    valid = torch.arange(nkb, device=idx.device) < kv_count.unsqueeze(-1)
+    # sort key: group (0 unmasked, 1 masked, 2 unused) * NKB + block index; stays in int64
+    key = idx + nkb * (needs.long() + 2 * torch.logical_not(valid).long())
+    order = key.argsort(dim=-1)
+    index = torch.gather(kv_index, -1, order)
+    full = torch.empty_strided(kv_count.shape, kv_count.stride(), dtype=kv_count.dtype, device=kv_count.device)
+    torch.sum(valid & torch.logical_not(needs), dim=-1, dtype=kv_count.dtype, out=full)
+    return index, full
 
 
 def kv_keep_from_lists(kv_count: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
