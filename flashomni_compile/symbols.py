@@ -31,6 +31,8 @@ This is FlexAttention's ``kv_num_blocks`` / ``kv_indices`` pair, so a kernel wal
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -116,21 +118,24 @@ class SparseSymbols:
     def q_density(self) -> torch.Tensor:
         """Fraction of (q-block, head) pairs computed, weighted by the tokens each block holds."""
         w = _block_weights(self.seq_q, self.block_q, self.q_keep.device)
-        return (self.q_keep.float() * w).sum() / (w.sum() * self.q_keep.shape[0] * self.q_keep.shape[1])
+        B, H = self.q_keep.shape[:2]
+        return torch.matmul(self.q_keep.to(w.dtype), w).sum() / (self.seq_q * B * H)
 
     def kv_density(self) -> torch.Tensor:
         """Fraction of the (query, key) pairs attended to, counting only computed q-blocks' pairs as
         work and partial blocks by the tokens they hold."""
         wq = _block_weights(self.seq_q, self.block_q, self.kv_keep.device)
         wk = _block_weights(self.seq_kv, self.block_kv, self.kv_keep.device)
-        live = self.kv_keep.float() * self.q_keep.float().unsqueeze(-1)
-        pairs = (live * wq[:, None] * wk[None, :]).sum()
-        total = self.seq_q * self.seq_kv * self.kv_keep.shape[0] * self.kv_keep.shape[1]
-        return pairs / total
+        keys = torch.matmul(self.kv_keep.to(wk.dtype), wk)              # [B, H, NQB]: keys seen per query
+        pairs = torch.matmul(keys.mul_(self.q_keep), wq).sum()           # computed q-blocks only
+        B, H = self.kv_keep.shape[:2]
+        return pairs / (self.seq_q * self.seq_kv * B * H)
 
 
+@functools.lru_cache(maxsize=256)
 def _block_weights(n: int, block: int, device) -> torch.Tensor:
-    """Tokens held by each block (the last may be partial)."""
+    """Tokens held by each block (the last may be partial), float32 ``[NB]``; built once per
+    (n, block, device) and shared: callers must not modify it."""
     nb = num_blocks(n, block)
     w = torch.full((nb,), float(block), device=device)
     w[-1] = n - block * (nb - 1)

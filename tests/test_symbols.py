@@ -52,3 +52,15 @@ def test_validation_errors_name_the_argument(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         SparseSymbols(**args)
+
+
+def test_densities_equal_token_level_counts():
+    """Random symbols with partial blocks in both directions, B and H > 1: the block-weighted densities
+    equal counting (query, key) pairs and query rows token by token."""
+    g = torch.Generator().manual_seed(3)
+    s = SparseSymbols(torch.rand(2, 3, 4, generator=g) < 0.6, torch.rand(2, 3, 4, 3, generator=g) < 0.5,
+                      200, 150, block_q=64, block_kv=64)
+    rows = s.q_keep.repeat_interleave(64, dim=-1)[..., :200]                  # [B, H, Nq]
+    pairs = (s.token_mask() & rows[..., None]).sum().item()
+    assert abs(float(s.kv_density()) - pairs / (2 * 3 * 200 * 150)) < 1e-6
+    assert abs(float(s.q_density()) - rows.sum().item() / (2 * 3 * 200)) < 1e-6
