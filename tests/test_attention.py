@@ -343,3 +343,18 @@ def test_compile_fullgraph_has_no_graph_break(device, gen):
     got = compiled(q, k, v, q_keep, kv_keep, cache)
     assert counter.frame_count == 1
     assert torch.allclose(got, block(q, k, v, q_keep, kv_keep, cache), atol=1e-5)
+
+
+def test_force_triton_off_gpu_needs_the_interpreter(monkeypatch):
+    """FLASHOMNI_FORCE_TRITON=1 on CPU tensors without TRITON_INTERPRET=1 is refused with a clear error."""
+    from flashomni_compile.kernels.ops import use_triton
+
+    t = torch.zeros(1)
+    monkeypatch.setenv("FLASHOMNI_FORCE_TRITON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_triton(t)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
+        use_triton(t)
+    monkeypatch.delenv("FLASHOMNI_FORCE_TRITON")
+    assert not use_triton(t)

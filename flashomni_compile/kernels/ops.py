@@ -28,8 +28,19 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
 def use_triton(t: Tensor) -> bool:
-    """Whether the Triton kernels run for tensors on ``t``'s device."""
-    return t.is_cuda or os.environ.get("FLASHOMNI_FORCE_TRITON", "0") == "1"
+    """Whether the Triton kernels run for tensors on ``t``'s device.
+
+    ``FLASHOMNI_FORCE_TRITON=1`` on tensors off CUDA needs Triton's interpreter (``TRITON_INTERPRET=1``):
+    without it Triton would fail deep inside its launcher, so this raises a clear error instead."""
+    if t.is_cuda:
+        return True
+    if os.environ.get("FLASHOMNI_FORCE_TRITON", "0") != "1":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(f"FLASHOMNI_FORCE_TRITON=1 with {t.device.type} tensors needs TRITON_INTERPRET=1 "
+                           "(Triton runs kernels off the GPU only in its interpreter); unset "
+                           "FLASHOMNI_FORCE_TRITON to use the torch reference implementations")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------
