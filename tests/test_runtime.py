@@ -489,3 +489,37 @@ def test_dispatch_through_triton_kernels(monkeypatch):
                                            None, 0.125, 32, 32)
             assert rel(tr.out, want) < 2e-3      # conftest.REL_TOL for float32 kernels
     assert n_dispatch == 3
+
+
+def test_small_projections_run_dense_and_give_the_same_result(monkeypatch):
+    """``sparse_gemm_min_macs`` between the two streams' sizes: the text stream's Q and O projections run
+    dense (cuBLAS), the image stream's run the sparse kernels; every step's output equals the run with
+    every projection sparse (dense projection of the attention output = GEMM-O with the cache)."""
+    L = Layer.random()
+    T, N = L.text_len, 200
+    K = L.wq_img.shape[1]
+    text_macs, img_macs = T * K * L.heads * L.head_dim, (N - T) * K * L.heads * L.head_dim
+    assert text_macs < img_macs
+    s_all = make_site(SPARSE)
+    s_mix = make_site(dict(SPARSE, sparse_gemm_min_macs=(text_macs + img_macs) // 2), name="blocks.1.attn")
+    calls = []
+    for name in ("sparse_linear_q_op", "sparse_linear_o_op"):
+        orig = getattr(engine, name)
+
+        def rec(*a, _orig=orig, _name=name):
+            calls.append((_name, a[0].shape[1]))      # rows of x / a: which stream
+            return _orig(*a)
+        monkeypatch.setattr(engine, name, rec)
+    kinds = set()
+    for step in range(STEPS):
+        x = inputs(step)
+        y_all = forward(s_all, L, x).y
+        calls.clear()
+        y_mix = forward(s_mix, L, x).y
+        kind = engine._state(s_mix, L.anchor).current.kind
+        kinds.add(kind)
+        assert rel(y_mix, y_all) < TOL64, f"step {step} ({kind})"
+        if kind == "dispatch":
+            assert ("sparse_linear_q_op", N - T) in calls and ("sparse_linear_o_op", N - T) in calls
+        assert all(rows == N - T for _, rows in calls), f"the text stream took a sparse GEMM: {calls}"
+    assert kinds == {"update", "dispatch"}

@@ -161,6 +161,13 @@ def _start(st: LayerState, device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _sparse_gemm_pays(st: LayerState, x: Tensor, n: int) -> bool:
+    """Whether a projection of ``x [B, M, K]`` onto ``n`` head-sparse columns is big enough for the sparse
+    GEMM kernels (``RuntimeOptions.sparse_gemm_min_macs``); host ints only."""
+    B, M, K = x.shape
+    return B * M * K * n >= st.options.sparse_gemm_min_macs
+
+
 # ---------------------------------------------------------------------------------------------------
 # The three site functions
 # ---------------------------------------------------------------------------------------------------
@@ -175,7 +182,7 @@ def linear_q(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optiona
         st.attn_done = False
     p = st.current
     br = p.branch
-    if p.kind == DISPATCH and br.q_sparse:
+    if p.kind == DISPATCH and br.q_sparse and _sparse_gemm_pays(st, x, sparse_cols):
         y = sparse_linear_q_op(x, weight, bias, br.symbols.q_keep, st.spec.head_dim, row_offset,
                                br.symbols.block_q, sparse_cols)
     else:
@@ -216,7 +223,8 @@ def linear_o(site: int, anchor: Tensor, a: Tensor, weight: Tensor, bias: Optiona
     p = st.current
     br = p.branch
     head_dim, sym = st.spec.head_dim, br.symbols
-    if not br.q_sparse or br.cache is None:
+    if not br.q_sparse or br.cache is None or not _sparse_gemm_pays(st, a, weight.shape[0]):
+        # dense: also right at dispatch steps, where ``a``'s cached rows hold the feature cache
         y = _dense_linear_o(a, weight, bias, extra, extra_weight)
     elif p.kind == UPDATE:
         # C0 over the cached heads (+ bias), C1.. for the Taylor terms, written into the cache's buffers.

@@ -62,6 +62,13 @@ class RuntimeOptions:
             matching pattern wins; any option but ``site_overrides``/``block_q``/``block_kv`` may be set.
         timing: synchronise the device around each site call to time it exactly (slows the run: for
             profiling only). Without it the stats hold host-side launch times.
+        sparse_gemm_min_macs: the smallest projection (``B * M * K * N`` multiply-adds of its head-sparse
+            part) that runs on the sparse GEMM-Q / GEMM-O kernels; smaller ones run dense through cuBLAS
+            (always correct: cached rows of Q are never read, and the attention output's cached rows
+            already hold the feature cache, so its dense projection is what GEMM-O computes). Default
+            ``2**34`` (~17 GMAC, ~50 us of H100 tensor-core time): below it the skipped work saves less
+            than a Triton launch costs on the host (100-400 us measured on the H100 machine, vs ~30 us
+            for cuBLAS). 0 sends every projection through the sparse kernels.
     """
 
     policy: Any = DEFAULT_POLICY
@@ -77,6 +84,7 @@ class RuntimeOptions:
     symbol_hook: Optional[Callable] = None
     site_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     timing: bool = False
+    sparse_gemm_min_macs: int = 2**34
 
     def __post_init__(self) -> None:
         from .policies import get_policy, policy_names
@@ -113,6 +121,7 @@ class RuntimeOptions:
         if self.symbol_hook is not None and not callable(self.symbol_hook):
             raise ValueError(f"flashomni option 'symbol_hook' must be callable "
                              f"fn(spec, step, scores, symbols), got {type(self.symbol_hook).__name__}")
+        _int_option("sparse_gemm_min_macs", self.sparse_gemm_min_macs, 0)
         if not isinstance(self.timing, bool):
             raise ValueError(f"flashomni option 'timing' must be True or False, got {self.timing!r}")
         if not isinstance(self.site_overrides, Mapping):
