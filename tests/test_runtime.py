@@ -523,3 +523,24 @@ def test_small_projections_run_dense_and_give_the_same_result(monkeypatch):
             assert ("sparse_linear_q_op", N - T) in calls and ("sparse_linear_o_op", N - T) in calls
         assert all(rows == N - T for _, rows in calls), f"the text stream took a sparse GEMM: {calls}"
     assert kinds == {"update", "dispatch"}
+
+
+def test_density_history_stays_bounded_and_exact():
+    """Many updates: the per-layer history is merged instead of growing, and the dispatch-weighted
+    means are unchanged by the merge."""
+    import torch as _t
+    from flashomni_compile.runtime.stats import _MAX_PERIODS, LayerStats
+
+    st = LayerStats("s", 0, 0)
+    qs, ks, ns = [], [], []
+    for i in range(3 * _MAX_PERIODS + 5):
+        q, kv, n = 0.1 + (i % 7) / 10, 0.05 + (i % 5) / 10, i % 4     # some updates serve no dispatch
+        st.record_update(_t.tensor(q), _t.tensor(kv))
+        for _ in range(n):
+            st.record_dispatch()
+        qs.append(q), ks.append(kv), ns.append(n)
+    assert len(st.periods) <= _MAX_PERIODS + 1
+    total = sum(ns)
+    q_mean, kv_mean = st.dispatch_densities()
+    assert abs(q_mean - sum(q * n for q, n in zip(qs, ns)) / total) < 1e-6
+    assert abs(kv_mean - sum(k * n for k, n in zip(ks, ns)) / total) < 1e-6

@@ -21,6 +21,9 @@ from torch import Tensor
 __all__ = ["LayerStats", "SiteStats", "site_stats", "stats_report"]
 
 
+_MAX_PERIODS = 32   # per layer: older update periods are merged into one (LayerStats._fold)
+
+
 @dataclass
 class LayerStats:
     """Statistics of one layer of one site (kept in its ``LayerState``)."""
@@ -42,7 +45,20 @@ class LayerStats:
 
     def record_update(self, q_density: Tensor, kv_density: Tensor) -> None:
         self.q_density, self.kv_density = q_density, kv_density
+        if len(self.periods) >= _MAX_PERIODS:
+            self._fold()
         self.periods.append([q_density, kv_density, 0])
+
+    def _fold(self) -> None:
+        """Merge every finished period into one (its dispatch-weighted means), on the device and without a
+        sync, so that a long-running process keeps a bounded number of scalars per layer."""
+        served = [(q, kv, n) for q, kv, n in self.periods if n > 0]
+        self.periods = []
+        if served:
+            total = sum(n for _, _, n in served)
+            q = sum(q * (n / total) for q, _, n in served)
+            kv = sum(kv * (n / total) for _, kv, n in served)
+            self.periods.append([q, kv, total])
 
     def record_dispatch(self) -> None:
         self.dispatches += 1
