@@ -358,3 +358,28 @@ def test_force_triton_off_gpu_needs_the_interpreter(monkeypatch):
         use_triton(t)
     monkeypatch.delenv("FLASHOMNI_FORCE_TRITON")
     assert not use_triton(t)
+
+
+@pytest.mark.parametrize("terms, dtype", [(2, torch.bfloat16), (3, torch.float32), (3, torch.float16)])
+def test_cached_rows_take_the_taylor_series(terms, dtype, device, gen):
+    """Cached rows = cache + delta * cache1 + delta^2 / 2 * cache2, evaluated by the kernel for the cached
+    q-blocks only (poisoned output, partial last block, random terms); computed rows are untouched by it."""
+    B, H, N, D = 1, 2, 200, 64
+    q, k, v = qkv(B, H, N, N, D, dtype, device, gen)
+    q_keep, kv_keep = symbols(B, H, N, N, 64, 64, 0.6, 0.5, device, gen)
+    q_keep[0, 0, 0], q_keep[0, 1, -1] = True, False
+    c0, c1, c2 = (torch.randn(B, N, H, D, generator=gen, device=device).to(dtype).transpose(1, 2)
+                  for _ in range(3))
+    c2 = c2 if terms == 3 else None
+    cnt, idx = kv_block_lists(kv_keep)
+    out, lse = sparse_attention_triton(q, k, v, q_keep, cnt, idx, c0, None, 0.125, 64, 64, c1, c2, 2.5)
+    ref_out, ref_lse = sparse_attention_ref(q.double(), k.double(), v.double(), q_keep, cnt, idx, c0.double(),
+                                            None, 0.125, 64, 64, c1.double(),
+                                            None if c2 is None else c2.double(), 2.5)
+    assert_close(out, lse, ref_out, ref_lse, dtype, gen.initial_seed())
+    # the series really entered: a plain copy of cache would be far off on the cached rows
+    plain, _ = sparse_attention_ref(q.double(), k.double(), v.double(), q_keep, cnt, idx, c0.double(), None,
+                                    0.125, 64, 64)
+    assert rel_err(out, plain) > 0.1
+    with pytest.raises(ValueError, match="cache2 needs cache1"):
+        sparse_attention_triton(q, k, v, q_keep, cnt, idx, c0, None, 0.125, 64, 64, None, c0, 1.0)

@@ -145,7 +145,7 @@ def _attn_kv_loop(acc, l_i, m_i, q,
 
 
 @triton.jit
-def _sparse_attn_fwd(Q, K, V, O, LSE, CACHE, QKEEP, KVCOUNT, KVINDEX, KVFULL, KPM, desc_k, desc_v,
+def _sparse_attn_fwd(Q, K, V, O, LSE, CACHE, CACHE1, CACHE2, QKEEP, KVCOUNT, KVINDEX, KVFULL, KPM, desc_k, desc_v,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
@@ -156,12 +156,13 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, CACHE, QKEEP, KVCOUNT, KVINDEX, KVFULL, KP
                      stride_cnt_b, stride_cnt_h, stride_cnt_q,
                      stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_j,
                      stride_kpm_b, stride_kpm_n,
-                     H, Nq, Nkv, NKB, qk_scale,
+                     H, Nq, Nkv, NKB, qk_scale, cache_c1, cache_c2,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, SYM_Q: tl.constexpr, SYM_KV: tl.constexpr,
                      HAS_QKEEP: tl.constexpr, HAS_LISTS: tl.constexpr, HAS_KPM: tl.constexpr,
                      EVEN_KV: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
-                     KPM_SPLIT: tl.constexpr, STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr):
+                     KPM_SPLIT: tl.constexpr, CACHE_TERMS: tl.constexpr,
+                     STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr):
     """One program: BLOCK_M query rows of one (b, h); walks only the kept kv-blocks of its q-block."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # int64 before any stride product: B*H*N*D may pass 2**31
@@ -232,10 +233,16 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, CACHE, QKEEP, KVCOUNT, KVINDEX, KVFULL, KP
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * _LN2)
         tl.store(lse_ptrs, lse, mask=m_ok)
     else:
-        # Cached q-block: its only work is the copy of its rows from the feature cache.
-        c_ptrs = (CACHE + off_b * stride_cb + off_h * stride_ch + row0 * stride_cn
-                  + offs_m[:, None] * stride_cn + offs_d[None, :] * stride_cd)
-        tl.store(o_ptrs, tl.load(c_ptrs, mask=io_mask).to(O.dtype.element_ty), mask=io_mask)
+        # Cached q-block: its only work is its rows of the feature cache, the Taylor series
+        # D0 + c1 * D1 + c2 * D2 over CACHE_TERMS terms (one term: a copy), summed in fp32, rounded once.
+        c_off = (off_b * stride_cb + off_h * stride_ch + row0 * stride_cn
+                 + offs_m[:, None] * stride_cn + offs_d[None, :] * stride_cd)
+        c = tl.load(CACHE + c_off, mask=io_mask)
+        if CACHE_TERMS > 1:
+            c = c.to(tl.float32) + cache_c1 * tl.load(CACHE1 + c_off, mask=io_mask).to(tl.float32)
+            if CACHE_TERMS > 2:
+                c += cache_c2 * tl.load(CACHE2 + c_off, mask=io_mask).to(tl.float32)
+        tl.store(o_ptrs, c.to(O.dtype.element_ty), mask=io_mask)
         tl.store(lse_ptrs, tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), mask=m_ok)
 
 
@@ -311,7 +318,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             q_keep: Optional[torch.Tensor], kv_count: Optional[torch.Tensor],
                             kv_index: Optional[torch.Tensor], cache: Optional[torch.Tensor],
                             key_padding_mask: Optional[torch.Tensor], scale: float,
-                            block_q: int, block_kv: int, *,
+                            block_q: int, block_kv: int, cache1: Optional[torch.Tensor] = None,
+                            cache2: Optional[torch.Tensor] = None, cache_delta: float = 0.0, *,
                             config: Optional[KernelConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launcher (same contract as ``sparse_attention_ref``).
 
@@ -364,6 +372,9 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if kv_full is not None and kv_full.stride() != kv_count.stride():
         raise AssertionError("kv_full must share kv_count's strides (the kernel reads both with them)")
     cache_ = cache if cache is not None else q
+    terms = cache_terms(cache, cache1, cache2)
+    c1_ = cache1 if terms > 1 else q
+    c2_ = cache2 if terms > 2 else q
     kpm_ = key_padding_mask if key_padding_mask is not None else q
     s_keep = q_keep.stride() if q_keep is not None else (0, 0, 0)
     s_cnt = kv_count.stride() if kv_count is not None else (0, 0, 0)
@@ -371,14 +382,14 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s_kpm = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     grid = (triton.cdiv(Nq, block_m), B * H)
     _sparse_attn_fwd[grid](
-        q, k, v, out, lse, cache_, qk_, cnt_, idx_, full_, kpm_, desc_k, desc_v,
+        q, k, v, out, lse, cache_, c1_, c2_, qk_, cnt_, idx_, full_, kpm_, desc_k, desc_v,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *cache_.stride(),
         *s_keep, *s_cnt, *s_idx, *s_kpm,
-        H, Nq, Nkv, nkb, float(scale) * _LOG2E,
+        H, Nq, Nkv, nkb, float(scale) * _LOG2E, float(cache_delta), float(cache_delta) ** 2 / 2.0,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SYM_Q=block_q, SYM_KV=block_kv,
         HAS_QKEEP=q_keep is not None, HAS_LISTS=kv_count is not None,
         HAS_KPM=key_padding_mask is not None, EVEN_KV=Nkv % block_kv == 0, USE_TMA=use_tma,
-        DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda, KPM_SPLIT=kv_full is not None,
+        DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda, KPM_SPLIT=kv_full is not None, CACHE_TERMS=terms,
         STAGES=stages, MASKED_STAGES=masked_stages,
         num_warps=cfg.num_warps, num_stages=stages,
     )
@@ -395,6 +406,26 @@ def empty_output(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
     out = torch.empty(B, Nq, H, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     return out, lse
+
+
+def cache_terms(cache: Optional[torch.Tensor], cache1: Optional[torch.Tensor],
+                cache2: Optional[torch.Tensor]) -> int:
+    """How many Taylor terms the cached rows take (0 without a cache); ``cache1``/``cache2`` must share
+    ``cache``'s shape, dtype and strides (the feature cache allocates them alike), ``cache2`` needs
+    ``cache1``."""
+    if cache is None:
+        return 0
+    n = 1
+    for t in (cache1, cache2):
+        if t is None:
+            break
+        if t.shape != cache.shape or t.stride() != cache.stride() or t.dtype != cache.dtype \
+                or t.device != cache.device:
+            raise ValueError("cache1/cache2 must match cache's shape, strides, dtype and device")
+        n += 1
+    if cache2 is not None and cache1 is None:
+        raise ValueError("cache2 needs cache1")
+    return n
 
 
 def split_masked_blocks(kv_count: torch.Tensor, kv_index: torch.Tensor, key_padding_mask: torch.Tensor,
@@ -433,8 +464,11 @@ def sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          q_keep: Optional[torch.Tensor], kv_count: Optional[torch.Tensor],
                          kv_index: Optional[torch.Tensor], cache: Optional[torch.Tensor],
                          key_padding_mask: Optional[torch.Tensor], scale: float,
-                         block_q: int, block_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of the kernel. Computes in float32 (float64 if the inputs are float64).
+                         block_q: int, block_kv: int, cache1: Optional[torch.Tensor] = None,
+                         cache2: Optional[torch.Tensor] = None,
+                         cache_delta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of the kernel. Computes in float32 (float64 if the inputs are float64). Cached rows
+    take ``cache + delta * cache1 + delta^2 / 2 * cache2`` (the terms given).
 
     Inputs are assumed validated (``ops.sparse_attention`` validates). Materialises the
     ``[B, H, Nq, Nkv]`` score matrix: for tests, CPU runs and small problems only.
@@ -455,7 +489,13 @@ def sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q_keep is not None:
         row_keep = q_keep.repeat_interleave(block_q, dim=-1)[..., :Nq]     # [B, H, Nq]
         if cache is not None:
-            o = torch.where(row_keep.unsqueeze(-1), o, cache.to(cdt))
+            c = cache.to(cdt)
+            terms = cache_terms(cache, cache1, cache2)
+            if terms > 1:
+                c = c + cache_delta * cache1.to(cdt)
+            if terms > 2:
+                c = c + (cache_delta ** 2 / 2.0) * cache2.to(cdt)
+            o = torch.where(row_keep.unsqueeze(-1), o, c)
         lse = lse.masked_fill(~row_keep, float("-inf"))
     out, lse_out = empty_output(q, v)
     out.copy_(o)

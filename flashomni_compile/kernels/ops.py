@@ -49,13 +49,19 @@ def use_triton(t: Tensor) -> bool:
 @torch.library.custom_op("flashomni::sparse_attention", mutates_args=())
 def sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, q_keep: Optional[Tensor], kv_count: Optional[Tensor],
                         kv_index: Optional[Tensor], cache: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                        scale: float, block_q: int, block_kv: int) -> tuple[Tensor, Tensor]:
+                        scale: float, block_q: int, block_kv: int, cache1: Optional[Tensor] = None,
+                        cache2: Optional[Tensor] = None, cache_delta: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``cache1``/``cache2``/``cache_delta``: cached rows take the Taylor series
+    ``cache + delta * cache1 + delta^2 / 2 * cache2`` (the runtime's feature cache; ``sparse_attention``
+    passes ``cache`` alone)."""
     impl = attention.sparse_attention_triton if use_triton(q) else attention.sparse_attention_ref
-    return impl(q, k, v, q_keep, kv_count, kv_index, cache, key_padding_mask, scale, block_q, block_kv)
+    return impl(q, k, v, q_keep, kv_count, kv_index, cache, key_padding_mask, scale, block_q, block_kv,
+                cache1, cache2, cache_delta)
 
 
 @sparse_attention_op.register_fake
-def _(q, k, v, q_keep, kv_count, kv_index, cache, key_padding_mask, scale, block_q, block_kv):
+def _(q, k, v, q_keep, kv_count, kv_index, cache, key_padding_mask, scale, block_q, block_kv, cache1=None,
+      cache2=None, cache_delta=0.0):
     return attention.empty_output(q, v)
 
 

@@ -9,6 +9,9 @@ and at a dispatch step ``t`` (``delta = t - s_n``) the cache is the truncated Ta
 
     cache(t) = D0 + delta * D1 + delta^2 / 2 * D2          (order 0: D0; order 1: the first two terms)
 
+The attention kernel evaluates it for the cached q-blocks only, reading the terms (``dispatch_terms``);
+``at(t)`` materialises it for every row (tests, and callers without the kernel).
+
 The order in use is ``min(order, updates seen - 1)``. GEMM-O stays reduction-sparse with order > 0
 because projection is linear: each term's cached heads are projected once at the update step,
 
@@ -55,14 +58,13 @@ def _out_proj_cache_into(dst: Tensor, a: Tensor, weight: Tensor, bias: Optional[
 def order_within_cap(order: int, cap_bytes: Optional[float], term_bytes: int, out_term_bytes: int) -> int:
     """The highest Taylor order ``<= order`` whose buffers fit ``cap_bytes``; -1 when not even order 0 fits.
 
-    Order ``k`` keeps ``k + 1`` feature terms and ``k + 1`` GEMM-O terms, plus one extrapolation buffer
-    of each when ``k > 0``.
+    Order ``k`` keeps ``k + 1`` feature terms and ``k + 1`` GEMM-O terms, plus, when ``k > 0``, one buffer
+    for ``C(t)`` (the attention kernel extrapolates the feature terms itself: no buffer for ``cache(t)``).
     """
     if cap_bytes is None:
         return order
     for k in range(order, -1, -1):
-        n = k + 1 + (1 if k > 0 else 0)
-        if n * (term_bytes + out_term_bytes) <= cap_bytes:
+        if (k + 1) * term_bytes + (k + 1 + (1 if k > 0 else 0)) * out_term_bytes <= cap_bytes:
             return k
     return -1
 
@@ -75,7 +77,7 @@ class FeatureCache:
         self.terms: list[Tensor] = []            # D0..D_order, allocated at the first update
         self.updates = 0                         # updates seen since the last reset (host int)
         self.last_step: Optional[int] = None
-        self.extrap: Optional[Tensor] = None     # cache(t) for order > 0
+        self.extrap: Optional[Tensor] = None     # cache(t) for order > 0, allocated by the first ``at``
         self.out_terms: dict[int, list[Tensor]] = {}   # row_offset -> C0..C_order   [B, M, NO]
         self.out_buf: dict[int, Tensor] = {}           # row_offset -> C(t)        [B, M, NO]
 
@@ -98,7 +100,7 @@ class FeatureCache:
         if not self.terms or self.terms[0].shape != out.shape or self.terms[0].dtype != out.dtype \
                 or self.terms[0].device != out.device:
             self.terms = [_bnhd_empty(out) for _ in range(self.order + 1)]
-            self.extrap = _bnhd_empty(out) if self.order > 0 else None
+            self.extrap = None
             self.out_terms, self.out_buf = {}, {}
             self.updates = 0
         if self.updates > 0 and self.order > 0:
@@ -140,8 +142,17 @@ class FeatureCache:
         return old[0]
 
     # -- dispatch step (no allocation, no sync) --------------------------------------------------------
+    def dispatch_terms(self, step: int) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], float]:
+        """``(D0, D1 or None, D2 or None, delta)``: what the attention kernel combines into ``cache(step)``
+        for the cached rows (the terms beyond the order in use are None)."""
+        k = self.active_order
+        delta = 0.0 if self.last_step is None else float(step - self.last_step)
+        return (self.terms[0], self.terms[1] if k >= 1 else None, self.terms[2] if k >= 2 else None, delta)
+
     def at(self, step: int) -> Tensor:
-        """``cache(step)``, written into the preallocated buffer (order 0: ``D0`` itself)."""
+        """``cache(step)`` for every row (order 0: ``D0`` itself; else in a buffer allocated on first use)."""
+        if self.active_order > 0 and self.extrap is None:
+            self.extrap = _bnhd_empty(self.terms[0])
         return self._combine(self.terms, self.extrap, step)
 
     def has_out(self, row_offset: int) -> bool:

@@ -24,8 +24,8 @@ its first call:
   refreshes the feature cache's Taylor terms; ``linear_o`` projects each Taylor term's cached heads
   once (``out_proj_cache``) and returns ``C0 + projection of the computed heads``, i.e. the dense result.
 * **dispatch** (run): ``linear_q`` computes only the kept (q-block, head) tiles; ``attention`` runs the
-  sparse kernel on the stored lists, cached q-blocks taking ``cache(t)`` (Taylor-extrapolated into a
-  preallocated buffer); ``linear_o`` reduces over the computed heads only, on top of
+  sparse kernel on the stored lists, cached q-blocks taking ``cache(t)`` (the kernel evaluates the
+  Taylor series from the cache's terms, for the cached rows only); ``linear_o`` reduces over the computed heads only, on top of
   ``C(t) = C0 + delta C1 + delta^2/2 C2``. Nothing reads device data on the host; the only
   allocations are the ops' fixed-shape outputs.
 
@@ -329,8 +329,9 @@ def _attention_dispatch(st: LayerState, br: BranchState, step: int, q: Tensor, k
         return _dense_attention(q, k, v, key_padding_mask, scale)
     sym = br.symbols
     q_keep = sym.q_keep if br.q_sparse else None
-    cache = br.cache.at(step) if br.q_sparse else None
+    # cached rows: the kernel evaluates the Taylor series from the terms, for the cached q-blocks only
+    d0, d1, d2, delta = br.cache.dispatch_terms(step) if br.q_sparse else (None, None, None, 0.0)
     kv_count, kv_index = (br.kv_count, br.kv_index) if br.kv_sparse else (None, None)
-    out, _ = sparse_attention_op(q, k, v, q_keep, kv_count, kv_index, cache, key_padding_mask, float(scale),
-                                 sym.block_q, sym.block_kv)
+    out, _ = sparse_attention_op(q, k, v, q_keep, kv_count, kv_index, d0, key_padding_mask, float(scale),
+                                 sym.block_q, sym.block_kv, d1, d2, delta)
     return out
