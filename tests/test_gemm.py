@@ -203,7 +203,9 @@ def test_gemm_q_op_forced_triton(monkeypatch):
     x, w = _rand(1, M, K, seed=1), _rand(3 * H * D, K, seed=2)
     keep = _symbols(1, _nqb(M, 0, bq), 0.5)
     y = ops.sparse_linear_q(x, w, None, keep, head_dim=D, block_q=bq, sparse_cols=H * D)
-    assert rel_err(y, gemm_q.sparse_linear_q_ref(x.double(), w.double(), None, keep, D, 0, bq, H * D)) < 1e-5
+    # fp32 inputs: the GPU's tl.dot runs tf32 (REL_TOL's fp32 entry), the interpreter exact fp32
+    assert rel_err(y, gemm_q.sparse_linear_q_ref(x.double(), w.double(), None, keep, D, 0, bq, H * D)) \
+        < REL_TOL[torch.float32]
 
 
 def test_head_block_k():
