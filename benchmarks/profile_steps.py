@@ -113,10 +113,19 @@ class Timed:
 
 
 def launch_overhead(device) -> list[dict]:
-    """Host microseconds per call of each op (small sizes: the GPU is never the bottleneck)."""
+    """Host microseconds per call of each op (small sizes: the GPU is never the bottleneck).
+
+    Each flashomni case runs with the launch cache on (``host_us``, the default) and off
+    (``host_us_normal``: every launch through ``kernel[grid]``, as before the cache), through the op
+    (``torch.library`` dispatch included) and through the bare Triton launcher. Before timing, each case
+    runs both ways and must give the same bits (``same_bits``); a case that does not is reported as FAIL
+    (``status``, times NaN) and not timed. ``cache``: the launch cache's counters for the case's kernel.
+    Alone: ``python -c "import sys; sys.path.insert(0, 'benchmarks'); import profile_steps as p;
+    [print(r) for r in p.launch_overhead('cuda')]"``.
+    """
     import torch.nn.functional as F
 
-    from flashomni_compile.kernels import ops
+    from flashomni_compile.kernels import attention, gemm_o, gemm_q, launch, ops
     from flashomni_compile.symbols import SparseSymbols, kv_block_lists
 
     B, H, N, D = 1, 4, 512, 64
@@ -128,19 +137,32 @@ def launch_overhead(device) -> list[dict]:
     w = torch.randn(3 * H * D, H * D, device=device, dtype=torch.bfloat16)
     wo = torch.randn(H * D, H * D, device=device, dtype=torch.bfloat16)
     c = torch.randn(B, N, H * D, device=device, dtype=torch.bfloat16)
-    cases = {
+    baselines = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "F.linear": lambda: F.linear(x, w),
-        "sparse_attention (dense)": lambda: ops.sparse_attention_op(q, k, v, None, None, None, None, None,
-                                                                   0.125, 128, 128),
-        "sparse_attention (lists+cache)": lambda: ops.sparse_attention_op(q, k, v, sym.q_keep, cnt, idx, cache,
-                                                                         None, 0.125, 128, 128),
-        "sparse_linear_q": lambda: ops.sparse_linear_q_op(x, w, None, sym.q_keep, D, 0, 128, H * D),
-        "sparse_linear_o": lambda: ops.sparse_linear_o_op(x, wo, c, sym.q_keep, None, None, D, 0, 128),
-        "out_proj_cache": lambda: ops.out_proj_cache_op(x, wo, None, sym.q_keep, D, 0, 128),
     }
-    rows = []
-    for name, fn in cases.items():
+    # name -> (kernel whose cache counters are reported, call)
+    cases = {
+        "sparse_attention (dense)": ("_sparse_attn_fwd", lambda: ops.sparse_attention_op(
+            q, k, v, None, None, None, None, None, 0.125, 128, 128)),
+        "sparse_attention (lists+cache)": ("_sparse_attn_fwd", lambda: ops.sparse_attention_op(
+            q, k, v, sym.q_keep, cnt, idx, cache, None, 0.125, 128, 128)),
+        "sparse_linear_q": ("_gemm_q_kernel", lambda: ops.sparse_linear_q_op(
+            x, w, None, sym.q_keep, D, 0, 128, H * D)),
+        "sparse_linear_o": ("_gemm_o_kernel", lambda: ops.sparse_linear_o_op(
+            x, wo, c, sym.q_keep, None, None, D, 0, 128)),
+        "out_proj_cache": ("_gemm_o_kernel", lambda: ops.out_proj_cache_op(x, wo, None, sym.q_keep, D, 0, 128)),
+        "launcher: sparse_attention_triton": ("_sparse_attn_fwd", lambda: attention.sparse_attention_triton(
+            q, k, v, sym.q_keep, cnt, idx, cache, None, 0.125, 128, 128)),
+        "launcher: sparse_linear_q_triton": ("_gemm_q_kernel", lambda: gemm_q.sparse_linear_q_triton(
+            x, w, None, sym.q_keep, D, 0, 128, H * D)),
+        "launcher: sparse_linear_o_triton": ("_gemm_o_kernel", lambda: gemm_o.sparse_linear_o_triton(
+            x, wo, c, sym.q_keep, None, None, D, 0, 128)),
+        "launcher: out_proj_cache_triton": ("_gemm_o_kernel", lambda: gemm_o.out_proj_cache_triton(
+            x, wo, None, sym.q_keep, D, 0, 128)),
+    }
+
+    def host_us(fn) -> float:
         for _ in range(5):
             fn()
         torch.cuda.synchronize()
@@ -150,7 +172,31 @@ def launch_overhead(device) -> list[dict]:
             fn()
             ts.append((time.perf_counter() - t0) * 1e6)
         torch.cuda.synchronize()
-        rows.append({"op": name, "host_us": round(statistics.median(ts), 1)})
+        return round(statistics.median(ts), 1)
+
+    def as_tuple(out):
+        return out if isinstance(out, tuple) else (out,)
+
+    rows = [{"op": name, "host_us": host_us(fn)} for name, fn in baselines.items()]
+    mode = launch.set_launch_cache("on")
+    try:
+        for name, (kernel, fn) in cases.items():
+            launch.set_launch_cache("off")
+            want = as_tuple(fn())
+            launch.set_launch_cache("on")
+            got = [as_tuple(fn()) for _ in range(3)]   # the first may fill the cache, the others hit it
+            same = all(torch.equal(a, b) for g in got for a, b in zip(g, want))
+            if not same:
+                rows.append({"op": name, "host_us": float("nan"), "host_us_normal": float("nan"), "same_bits": False,
+                             "status": "FAIL: the cached launch changed the output"})
+                continue
+            launch.set_launch_cache("off")
+            normal = host_us(fn)
+            launch.set_launch_cache("on")
+            rows.append({"op": name, "host_us": host_us(fn), "host_us_normal": normal, "same_bits": True,
+                         "cache": launch.launch_stats().get(kernel)})
+    finally:
+        launch.set_launch_cache(mode)
     return rows
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..symbols import expand_kv_keep
+from .launch import capability, cdiv, launch, next_power_of_2
 
 try:  # host-side TMA descriptors (triton >= 3.4); the pointer path never needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -296,7 +297,7 @@ _INTERP = KernelConfig(64, 64, 4, 1)
 def _arch(device: torch.device) -> str:
     if device.type != "cuda":
         return "interp"
-    return "sm90" if torch.cuda.get_device_capability(device)[0] == 9 else "sm80"
+    return "sm90" if capability(device)[0] == 9 else "sm80"
 
 
 def launch_config(device: torch.device, head_dim: int) -> KernelConfig:
@@ -304,7 +305,7 @@ def launch_config(device: torch.device, head_dim: int) -> KernelConfig:
     arch = _arch(device)
     if arch == "interp":
         return _INTERP
-    return _TABLE[(arch, max(16, triton.next_power_of_2(head_dim)))]
+    return _TABLE[(arch, max(16, next_power_of_2(head_dim)))]
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -340,7 +341,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # every q-block is computed, and the kernel never touches a cache.
         q_keep = None
     cfg = config or launch_config(q.device, D)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     # Capping by the symbol blocks keeps a kept symbol block a whole number of tiles (powers of two).
     block_m, block_n = min(cfg.block_m, block_q), min(cfg.block_n, block_kv)
     stages = cfg.stages(lists=kv_count is not None)
@@ -364,7 +365,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         desc_v = TensorDescriptor.from_tensor(v, [1, 1, block_n, block_d])
     else:
         desc_k, desc_v = k, v  # unused by the pointer path
-    nkb = triton.cdiv(Nkv, block_kv)
+    nkb = cdiv(Nkv, block_kv)
     # Absent optional tensors: pass q as a never-dereferenced placeholder (constexpr flags gate it).
     qk_, cnt_, idx_ = (q_keep if q_keep is not None else q, kv_count if kv_count is not None else q,
                        kv_index if kv_index is not None else q)
@@ -380,8 +381,9 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s_cnt = kv_count.stride() if kv_count is not None else (0, 0, 0)
     s_idx = kv_index.stride() if kv_index is not None else (0, 0, 0, 0)
     s_kpm = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    grid = (triton.cdiv(Nq, block_m), B * H)
-    _sparse_attn_fwd[grid](
+    grid = (cdiv(Nq, block_m), B * H)
+    launch(
+        _sparse_attn_fwd, grid,
         q, k, v, out, lse, cache_, c1_, c2_, qk_, cnt_, idx_, full_, kpm_, desc_k, desc_v,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *cache_.stride(),
         *s_keep, *s_cnt, *s_idx, *s_kpm,

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .gemm_q import (Config, as_rows, check_head_dim, check_symbols, check_tensor, dense_k_loop, descriptor, dot_f32,
                      grouped_tile, mma, row_keep, setup, tma_ok)
+from .launch import cdiv, launch
 
 _WORD = 32  # heads per bit mask: the lowest set bit (< 2^32) converts exactly to float32 (see _lowest_bit)
 
@@ -173,8 +174,9 @@ def _launch(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[Tenso
             aa, wa = descriptor(rows, [block_m, block_k]), descriptor(weight, [cfg.block_n, block_k])
             ea, ewa = descriptor(erows, [block_m, block_k]), descriptor(ew, [cfg.block_n, block_k])
     cc = c if c is not None else y
-    grid = (tiles_m * triton.cdiv(N, cfg.block_n), B)
-    _gemm_o_kernel[grid](
+    grid = (tiles_m * cdiv(N, cfg.block_n), B)
+    launch(
+        _gemm_o_kernel, grid,
         aa, wa, cc, bias if bias is not None else y, ea, ewa, y, keep,
         M, N, K // head_dim, e.shape[-1], row_offset, first, tiles_m,
         a.stride(0), a.stride(1), a.stride(2), weight.stride(0), weight.stride(1),

@@ -36,7 +36,6 @@ The helpers marked "shared" are imported by ``gemm_o.py``.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -44,6 +43,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .launch import capability, cdiv, launch
+
+try:  # host-side TMA descriptors (triton >= 3.4); the pointer path never needs them
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -221,15 +227,10 @@ CONFIGS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _arch(index: int) -> str:
-    return "sm90" if torch.cuda.get_device_capability(index)[0] == 9 else "cuda"
-
-
 def pick_config(t: Tensor, kernel: str) -> Config:
     """(shared) The table's setting for ``t``'s device (``kernel``: ``"q"``, ``"o"`` or ``"c"``)."""
     if t.is_cuda:
-        return CONFIGS[(_arch(t.device.index if t.device.index is not None else torch.cuda.current_device()), kernel)]
+        return CONFIGS[("sm90" if capability(t.device)[0] == 9 else "cuda", kernel)]
     return CONFIGS[("cpu", kernel)]
 
 
@@ -250,8 +251,6 @@ def tma_ok(t: Tensor) -> bool:
 
 def descriptor(t: Tensor, block: list[int]):
     """(shared) Host-side tensor descriptor (``triton.tools.tensor_descriptor``, triton >= 3.4)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     return TensorDescriptor.from_tensor(t, block)
 
 
@@ -272,7 +271,7 @@ def setup(x: Tensor, n: int, out: Optional[Tensor], config: Optional[Config], ke
     block_m = min(cfg.block_m, block_q)
     block_k = cfg.block_k if x.element_size() <= 2 else cfg.block_k // 2
     first = row_offset // block_m
-    return y, cfg, block_m, block_k, first, triton.cdiv(row_offset + M, block_m) - first
+    return y, cfg, block_m, block_k, first, cdiv(row_offset + M, block_m) - first
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,8 +296,9 @@ def sparse_linear_q_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], q_
         if use_tma:
             xa, wa = descriptor(rows, [block_m, block_k]), descriptor(weight, [cfg.block_n, block_k])
             wh = descriptor(weight, [cfg.block_n // 2, block_k]) if cfg.split_n else wa
-    grid = (tiles_m * triton.cdiv(N, cfg.block_n), B)
-    _gemm_q_kernel[grid](
+    grid = (tiles_m * cdiv(N, cfg.block_n), B)
+    launch(
+        _gemm_q_kernel, grid,
         xa, wa, wh, bias if bias is not None else y, y, keep,
         M, N, K, sparse_cols, row_offset, first, tiles_m,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
@@ -358,7 +358,7 @@ def check_symbols(q_keep, batch: int, heads: int, m: int, head_dim, row_offset, 
     if not isinstance(q_keep, Tensor) or q_keep.dtype != torch.bool or q_keep.dim() != 3:
         raise ValueError(f"q_keep must be a bool tensor [B, H, NQB], got "
                          + (f"{q_keep.dtype} {tuple(q_keep.shape)}" if isinstance(q_keep, Tensor) else type(q_keep).__name__))
-    need = triton.cdiv(row_offset + m, block_q)
+    need = cdiv(row_offset + m, block_q)
     if q_keep.shape[0] != batch or q_keep.shape[1] != heads or q_keep.shape[2] < need:
         raise ValueError(f"q_keep has shape {tuple(q_keep.shape)}, expected ({batch}, {heads}, NQB >= {need}): "
                          f"B={batch}, H={heads} heads of head_dim={head_dim}, and NQB q-blocks of {block_q} "
