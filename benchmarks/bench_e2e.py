@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import device_and_dtype, format_table, header, rel_err, results_path, write_results  # noqa: E402
+from _common import (device_and_dtype, format_table, header, rel_err, results_path, runtime_density,  # noqa: E402
+                     write_results)
 from _models import flux, hunyuan_video  # noqa: E402
 
 from flashomni_compile.runtime import engine  # noqa: E402
@@ -163,21 +164,6 @@ def parse_configs(specs: list[str] | None) -> list[tuple[str, dict]]:
             raise SystemExit(f"--config {spec!r}: expected NAME=JSON, e.g. default={{}}")
         out.append((name, json.loads(text)))
     return out
-
-
-def runtime_density() -> dict:
-    """Densities the flashomni runtime used in the last loop (means over sites and dispatch steps):
-    ``q_density`` computed (q-block, head) pairs, ``kv_density`` computed (query, key) pairs (cached
-    q-blocks count 0), ``density`` the attention work over all steps (update steps count 1)."""
-    from flashomni_compile.runtime.stats import site_stats
-
-    rows = [s for s in site_stats() if s.updates + s.dispatches]
-    if not rows:
-        return {}
-    q = [1.0 if s.q_density is None else s.q_density for s in rows]
-    kv = [1.0 if s.kv_density is None else s.kv_density for s in rows]
-    work = [(s.updates + s.dispatches * k) / (s.updates + s.dispatches) for s, k in zip(rows, kv)]
-    return {"q_density": sum(q) / len(q), "kv_density": sum(kv) / len(kv), "density": sum(work) / len(work)}
 
 
 def _tokens(name: str, kw: dict, model) -> int:

@@ -35,16 +35,13 @@ class LayerStats:
     dispatches: int = 0
     update_s: float = 0.0
     dispatch_s: float = 0.0
-    q_density: Optional[Tensor] = None       # device scalar, last update (branch 0)
-    kv_density: Optional[Tensor] = None
-    # one [q_density, kv_density, dispatches served] entry per update of branch 0 (densities: device
-    # scalars, read only by ``site_stats``)
+    # one [q_density, kv_density, dispatches served] entry per update of branch 0, the last update's last
+    # (densities: device scalars, read only by ``site_stats``)
     periods: list = field(default_factory=list)
     cache_bytes: int = 0
     cache_order: int = -1                    # Taylor order in use after the last update; -1: no cache
 
     def record_update(self, q_density: Tensor, kv_density: Tensor) -> None:
-        self.q_density, self.kv_density = q_density, kv_density
         if len(self.periods) >= _MAX_PERIODS:
             self._fold()
         self.periods.append([q_density, kv_density, 0])
@@ -70,7 +67,7 @@ class LayerStats:
         dispatch steps they served); the last update's when no dispatch ran; None before any update."""
         served = [(q, kv, n) for q, kv, n in self.periods if n > 0]
         if not served:
-            return None if self.q_density is None else (float(self.q_density), float(self.kv_density))
+            return None if not self.periods else (float(self.periods[-1][0]), float(self.periods[-1][1]))
         n = sum(p[2] for p in served)
         return (sum(float(q) * k for q, _, k in served) / n, sum(float(kv) * k for _, kv, k in served) / n)
 
