@@ -58,12 +58,16 @@ def _timestep(name: str, t: float, device) -> torch.Tensor:
 
 
 def denoise(model, kw: dict, name: str, steps: int, x0: torch.Tensor,
-            run_steps: int | None = None, profile: dict | None = None) -> tuple[torch.Tensor, list[float]]:
+            run_steps: int | None = None, profile: dict | None = None,
+            split: list | None = None) -> tuple[torch.Tensor, list[float]]:
     """Euler flow matching from t=1 to t=0 over ``steps`` steps (only the first ``run_steps`` when
-    given); returns the latent and each step's milliseconds."""
+    given); returns the latent and each step's milliseconds. ``split``, when given, receives per step
+    ``(host_ms, gpu_ms)``: the host time to enqueue the model call (no sync inside it) and the GPU time
+    between CUDA events around it; host close to GPU means the step is host-bound."""
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
     x = x0.clone()
     times = []
+    cuda = torch.cuda.is_available() and x.is_cuda
     for i in range(steps if run_steps is None else run_steps):
         set_step(i, steps)
         args = dict(kw, **{_latents_key(name): x, "timestep": _timestep(name, ts[i], x.device)})
@@ -76,10 +80,18 @@ def denoise(model, kw: dict, name: str, steps: int, x0: torch.Tensor,
                 _sync()
             profile[i] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70)
         else:
+            if cuda:
+                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev0.record()
             v = model(**args)[0]
+            host_ms = (time.perf_counter() - t0) * 1e3
+            if cuda:
+                ev1.record()
         x = x + (ts[i + 1] - ts[i]) * v.to(x.dtype)
         _sync()
         times.append((time.perf_counter() - t0) * 1e3)
+        if split is not None and cuda and not (profile is not None and i in profile):
+            split.append((host_ms, ev0.elapsed_time(ev1)))
     clear_step()
     return x, times
 
@@ -117,7 +129,8 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
             denoise(model, kw, name, args.steps, x0, run_steps=min(args.steps, opts.warmup + 2))
             warm_s = time.perf_counter() - t0
             engine.reset()                          # statistics of the timed loop only
-            x, times = denoise(model, kw, name, args.steps, x0)
+            split: list = []
+            x, times = denoise(model, kw, name, args.steps, x0, split=split)
             density = runtime_density() if impl == "flashomni" else None
             if args.profile and impl == "flashomni":   # after the timed loop: one update and one dispatch step
                 steps = {k: None for k in (opts.warmup, opts.warmup + 1)}
@@ -128,11 +141,16 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
             [step_kind(i, args.steps, opts) for i in range(args.steps)]
         upd = [t for t, k in zip(times, kinds) if k == "update"]
         dis = [t for t, k in zip(times, kinds) if k == "dispatch"]
+        med = lambda kind, j: (statistics.median([s[j] for s, k in zip(split, kinds) if k == kind])  # noqa: E731
+                               if split and kind in kinds else None)
         tokens = tokens or _tokens(name, kw, model)
         rec = {"model": "hunyuan_video" if name == "hunyuan_video" else "flux", "tokens": tokens,
                "steps": args.steps, "impl": impl, "config": cname, "total_s": sum(times) / 1e3, "warmup_s": warm_s,
                "update_step_ms": statistics.median(upd) if upd else None,
                "dispatch_step_ms": statistics.median(dis) if dis else None,
+               # CUDA events around the model call / host time to enqueue it (medians; GPU runs only)
+               "update_gpu_ms": med("update", 1), "update_host_ms": med("update", 0),
+               "dispatch_gpu_ms": med("dispatch", 1), "dispatch_host_ms": med("dispatch", 0),
                "n_update": len(upd), "n_dispatch": len(dis),
                "layers": {k: v for k, v in cfg.items() if k in ("num_layers", "num_single_layers")},
                "runtime_options": options, **(density or {})}
@@ -200,8 +218,8 @@ def main():
     for name in args.models.split(","):
         records += run_model(name, args, device, dtype)
         write_results(out, header(), records)          # after each model: a later time-out keeps these
-    print(format_table(records, ["model", "tokens", "impl", "config", "total_s", "update_step_ms", "dispatch_step_ms",
-                                 "n_dispatch", "kv_density", "speedup", "dispatch_speedup", "rel_l2"]))
+    print(format_table(records, ["model", "tokens", "impl", "config", "total_s", "update_step_ms", "update_gpu_ms",
+                                 "dispatch_step_ms", "dispatch_gpu_ms", "n_dispatch", "kv_density", "speedup", "dispatch_speedup", "rel_l2"]))
 
 
 if __name__ == "__main__":

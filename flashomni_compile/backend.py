@@ -80,15 +80,22 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FlashOmniCon
     dump.trace_artifact("flashomni_sites", report)
     if sites:
         dumper.graph("02_rewritten", gm)
-    inner, patches = _inner_compiler(config)
-    dumper.text("03_inner", f"inner_backend: {config.inner_backend}\nconfig_patches: {patches}\n")
+    step_graphs = config.step_graphs and bool(sites)
+    inner, patches = _inner_compiler(config, step_graphs)
+    dumper.text("03_inner", f"inner_backend: {config.inner_backend}\nconfig_patches: {patches}\n"
+                            f"step_graphs: {step_graphs}\n")
     record = CompileRecord(gid, config, infos, unmatched, gm, report, dumper.written)
     for obs in list(_OBSERVERS):
         obs(record)
-    return inner(gm, example_inputs)
+    compiled = inner(gm, example_inputs)
+    if step_graphs:
+        from .runtime.graphs import StepGraphs
+
+        compiled = StepGraphs(compiled, example_inputs, gid)
+    return compiled
 
 
-def _inner_compiler(config: FlashOmniConfig) -> tuple[Callable, dict]:
+def _inner_compiler(config: FlashOmniConfig, step_graphs: bool = False) -> tuple[Callable, dict]:
     if config.inner_backend == "eager":
         return (lambda gm, ex: gm.forward), {}
     if config.inner_backend == "aot_eager":
@@ -102,6 +109,8 @@ def _inner_compiler(config: FlashOmniConfig) -> tuple[Callable, dict]:
     if config.mode is not None:
         patches.update(torch._inductor.list_mode_options(config.mode))
     patches.update(config.inductor)
+    if step_graphs:   # the whole call is captured by runtime/graphs.py: no CUDA graphs of Inductor's inside
+        patches["triton.cudagraphs"] = False
     if not patches:   # exactly what backend="inductor" does with no mode/options
         return compile_fx, patches
     return (lambda gm, ex: compile_fx(gm, ex, config_patches=dict(patches))), patches

@@ -38,6 +38,11 @@ class FlashOmniConfig:
         inductor: extra Inductor config patches for the inner compile (never applied globally).
         fuse_gemm_q, fuse_gemm_o: rewrite the Q projection / output projection onto the head-sparse
             GEMMs when the pass proves it equivalent. ``False`` leaves them dense.
+        cuda_graphs: run every graph that holds sites through step graphs (``runtime/graphs.py``): each
+            call is captured into a CUDA graph keyed by the run-time state it starts from, and replayed
+            when that state comes back (from the third generation on, with ``total_steps`` or
+            ``set_step``). ``None`` (default): on when ``mode="reduce-overhead"``. Inductor's own
+            CUDA graphs are switched off for those graphs.
         runtime: the run-time options (``RuntimeOptions``: policy, block sizes, schedule, cache, hook);
             in ``options=`` their keys are given flat, next to the keys above.
 
@@ -50,6 +55,7 @@ class FlashOmniConfig:
     inductor: Mapping[str, Any] = field(default_factory=dict)
     fuse_gemm_q: bool = True
     fuse_gemm_o: bool = True
+    cuda_graphs: Optional[bool] = None
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
     def __post_init__(self):
@@ -63,6 +69,8 @@ class FlashOmniConfig:
         for name in ("fuse_gemm_q", "fuse_gemm_o"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"flashomni option {name!r} must be True or False, got {getattr(self, name)!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"flashomni option 'cuda_graphs' must be True, False or None, got {self.cuda_graphs!r}")
         if not isinstance(self.inductor, Mapping):
             raise ValueError(f"flashomni option 'inductor' must be a dict, got {type(self.inductor).__name__}")
         object.__setattr__(self, "inductor", MappingProxyType(dict(self.inductor)))
@@ -70,6 +78,11 @@ class FlashOmniConfig:
             raise ValueError(f"FlashOmniConfig.runtime must be a RuntimeOptions, got {type(self.runtime).__name__}")
         if self.dump_dir is not None:
             object.__setattr__(self, "dump_dir", os.fspath(self.dump_dir))
+
+    @property
+    def step_graphs(self) -> bool:
+        """Whether graphs with sites run through step graphs (``cuda_graphs``, else ``mode``)."""
+        return self.cuda_graphs if self.cuda_graphs is not None else self.mode == "reduce-overhead"
 
     @property
     def policy(self) -> Any:

@@ -31,12 +31,12 @@ This is FlexAttention's ``kv_num_blocks`` / ``kv_indices`` pair, so a kernel wal
 
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ._capture import device_cache
 
 __all__ = ["SparseSymbols", "kv_block_lists", "num_blocks"]
 
@@ -132,7 +132,7 @@ class SparseSymbols:
         return pairs / (self.seq_q * self.seq_kv * B * H)
 
 
-@functools.lru_cache(maxsize=256)
+@device_cache(256)
 def _block_weights(n: int, block: int, device) -> torch.Tensor:
     """Tokens held by each block (the last may be partial), float32 ``[NB]``; built once per
     (n, block, device) and shared: callers must not modify it."""

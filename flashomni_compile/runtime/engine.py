@@ -134,9 +134,16 @@ def _site_cfg(site: int) -> tuple[SiteSpec, Optional[RuntimeOptions], Any, bool,
 
 def reset() -> None:
     """Forget all run-time state: per-layer symbols and caches, step counters, statistics, resolved options
-    (an override from ``set_runtime_options`` stays in force)."""
+    (an override from ``set_runtime_options`` stays in force), and every captured CUDA graph."""
+    global _EPOCH
     reset_state()
     _SITE_CFG.clear()
+    _EPOCH += 1
+
+
+def epoch() -> int:
+    """Bumped by every ``reset`` (and ``set_runtime_options``): CUDA graphs captured before are stale."""
+    return _EPOCH
 
 
 def _state(site: int, anchor: Tensor) -> Optional[LayerState]:
@@ -145,18 +152,39 @@ def _state(site: int, anchor: Tensor) -> Optional[LayerState]:
     spec, opts, policy, dense_policy, always_dense = _site_cfg(site)
     if always_dense or (dense_policy and not _HOOKS):
         return None
-    st = _STATES.get((site, anchor.data_ptr()))
+    key = (site, anchor.data_ptr())
+    if _TOUCHED is not None:
+        _TOUCHED.append(key)
+    st = _STATES.get(key)
     return st if st is not None else layer_state(site, anchor, spec, opts, policy)
 
 
+# Hooks of the CUDA-graph step runner (runtime/graphs.py), None when it is not watching:
+# _TOUCHED receives the key of every layer state a call touches; while a call is captured, _STATS_LOG
+# receives the statistics calls instead of the statistics (the runner applies them after each replay)
+# and no host time is taken (a capture's host time is not a step's).
+_TOUCHED: Optional[list] = None
+_STATS_LOG: Optional[list] = None
+_EPOCH = 0   # bumped by reset(): captured graphs refer to state tensors that a reset drops
+
+
+def _stat(st: LayerState, name: str, *args) -> None:
+    if _STATS_LOG is not None:
+        _STATS_LOG.append((st.stats, name, args))
+    else:
+        getattr(st.stats, name)(*args)
+
+
 def _timed(st: LayerState, kind: str, t0: float, device: torch.device) -> None:
+    if _STATS_LOG is not None:
+        return
     if st.options.timing and device.type == "cuda":
         torch.cuda.synchronize(device)
     st.stats.add_time(kind, time.perf_counter() - t0)
 
 
 def _start(st: LayerState, device: torch.device) -> float:
-    if st.options.timing and device.type == "cuda":
+    if st.options.timing and device.type == "cuda" and _STATS_LOG is None:
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
@@ -202,13 +230,10 @@ def attention(site: int, anchor: Tensor, q: Tensor, k: Tensor, v: Tensor,
     p = st.current
     if p.kind == UPDATE:
         out = _attention_update(st, p.branch, p.step, p.total, q, k, v, key_padding_mask, scale)
-        st.stats.updates += 1
+        _stat(st, "count_update")
     else:
         out = _attention_dispatch(st, p.branch, p.step, q, k, v, key_padding_mask, scale)
-        if p.branch is st.branches[0]:
-            st.stats.record_dispatch()
-        else:
-            st.stats.dispatches += 1
+        _stat(st, "count_dispatch", p.branch is st.branches[0])
     st.attn_done = True
     _timed(st, p.kind, t0, q.device)
     return out
@@ -314,7 +339,7 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
     br.last_update = step
 
     if br is st.branches[0]:
-        st.stats.record_update(br.symbols.q_density(), br.symbols.kv_density())
+        _stat(st, "record_update", br.symbols.q_density(), br.symbols.kv_density())
         st.stats.cache_order = -1 if br.cache is None else br.cache.active_order
     st.stats.cache_bytes = _cache_bytes(st)
     return out

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._capture import device_cache
 from ..symbols import SparseSymbols, num_blocks
 from .spec import SiteSpec
 
@@ -132,10 +133,11 @@ def text_blocks(n: int, text_len: int, text_first: bool, block: int, device=None
 # Update steps ask for these per layer, several times per policy call (each ~7 small launches when
 # rebuilt): they depend on host values only, so one tensor per (shape, device) is built and shared.
 # Callers must not edit the returned tensors in place (no built-in policy does).
-_text_blocks_shared = functools.lru_cache(maxsize=256)(text_blocks)
+# (device_cache: like lru_cache, but not filled during a CUDA-graph capture, see _capture.py)
+_text_blocks_shared = device_cache(256)(text_blocks)
 
 
-@functools.lru_cache(maxsize=256)
+@device_cache(256)
 def _diagonal_shared(nqb: int, nkb: int, block_q: int, block_kv: int, joint: bool, device: torch.device) -> Tensor:
     if not joint:
         return torch.zeros(nqb, nkb, dtype=torch.bool, device=device)
@@ -539,14 +541,20 @@ class WindowPolicy:
             raise ValueError(f"window policy: grid {tuple(grid)} holds {math.prod(grid)} tokens but site "
                              f"{ctx.spec.name!r} has {n_img} image tokens ({ctx.seq_q} tokens, {text} text); "
                              "pass grid=(frames, height, width) matching the model's patch grid")
-        pattern = _window_pattern(ctx.seq_q, text, ctx.spec.text_first, tuple(grid), tuple(window),
-                                  ctx.block_q, ctx.block_kv).to(ctx.device)
+        pattern = _window_pattern_on(ctx.device, ctx.seq_q, text, ctx.spec.text_first, tuple(grid),
+                                     tuple(window), ctx.block_q, ctx.block_kv)
         kv_keep = pattern.expand(ctx.batch, ctx.heads, -1, -1).clone()
         q_keep = torch.ones(ctx.batch, ctx.heads, pattern.shape[0], dtype=torch.bool, device=ctx.device)
         return ctx.symbols(q_keep, kv_keep)
 
 
 _FAR = 1 << 40
+
+
+@device_cache(64)
+def _window_pattern_on(device: torch.device, *args) -> Tensor:
+    """``_window_pattern`` copied to ``device`` once (no host-to-device copy per update step)."""
+    return _window_pattern(*args).to(device)
 
 
 @functools.lru_cache(maxsize=64)

@@ -40,6 +40,21 @@ class LayerStats:
     periods: list = field(default_factory=list)
     cache_bytes: int = 0
     cache_order: int = -1                    # Taylor order in use after the last update; -1: no cache
+    # passes run by a CUDA-graph replay (runtime/graphs.py): counted above, but no host time is recorded
+    replayed_updates: int = 0
+    replayed_dispatches: int = 0
+
+    def count_update(self, replayed: bool = False) -> None:
+        self.updates += 1
+        self.replayed_updates += replayed
+
+    def count_dispatch(self, primary: bool, replayed: bool = False) -> None:
+        """One dispatch pass; ``primary``: of branch 0, whose update periods are weighted by it."""
+        if primary:
+            self.record_dispatch()
+        else:
+            self.dispatches += 1
+        self.replayed_dispatches += replayed
 
     def record_update(self, q_density: Tensor, kv_density: Tensor) -> None:
         if len(self.periods) >= _MAX_PERIODS:
@@ -90,8 +105,8 @@ class SiteStats:
     q_density: Optional[float]       # fraction of (q-block, head) pairs computed: mean over layers and dispatch steps
     kv_density: Optional[float]      # fraction of (query, key) pairs computed (cached q-blocks count 0): same mean
     cache_mib: float                 # feature cache + GEMM-O cache, all layers
-    ms_per_update: Optional[float]   # per layer call set (linear_q + attention + linear_o)
-    ms_per_dispatch: Optional[float]
+    ms_per_update: Optional[float]   # per layer call set (linear_q + attention + linear_o), host-timed
+    ms_per_dispatch: Optional[float]  # passes only (CUDA-graph replays record no host time)
 
 
 def site_stats() -> list[SiteStats]:
@@ -110,9 +125,13 @@ def site_stats() -> list[SiteStats]:
             name=ls[0].site_name, site=site, layers=len(ls), updates=up, dispatches=di,
             q_density=sum(qd) / len(qd) if qd else None, kv_density=sum(kd) / len(kd) if kd else None,
             cache_mib=sum(s.cache_bytes for s in ls) / 2**20,
-            ms_per_update=1e3 * sum(s.update_s for s in ls) / up if up else None,
-            ms_per_dispatch=1e3 * sum(s.dispatch_s for s in ls) / di if di else None))
+            ms_per_update=_per_call(sum(s.update_s for s in ls), up - sum(s.replayed_updates for s in ls)),
+            ms_per_dispatch=_per_call(sum(s.dispatch_s for s in ls), di - sum(s.replayed_dispatches for s in ls))))
     return out
+
+
+def _per_call(seconds: float, calls: int) -> Optional[float]:
+    return 1e3 * seconds / calls if calls else None
 
 
 def _f(v: Optional[float], fmt: str) -> str:

@@ -1,0 +1,347 @@
+"""Step graphs: every call of a compiled graph replayed from a CUDA graph, keyed by the host decisions.
+
+The site ops decide on the host, per call, what each layer does (update or dispatch, the step's Taylor
+delta, which buffers to read), so one CUDA graph cannot serve every step. But those decisions are a
+pure function of a small host state (step counters, update history, the persistent buffers'
+addresses): a call made from the same host state launches the same kernels on the same addresses.
+``StepGraphs`` wraps the inner compiled function of a graph that holds flashomni sites and
+
+1. keys each call by that host state (``_decision`` of every layer state the call touches, the
+   explicit step, the run-time override, the hooks, the addresses of the graph's static inputs, the
+   shapes of the others);
+2. runs a key's first call eagerly (kernels compile, lazy buffers are allocated), captures the second
+   one (the host logic runs once, inside the capture, exactly as it would eagerly) and replays it at
+   once, and from then on replays the graph: no Python, no launches, no Inductor wrapper code;
+3. after a replay, puts the host state where the eager call would have left it (``_save``/``_load`` of
+   the fields the engine changes; recorded after the capture) and applies the statistics calls the
+   capture logged, so counters, ``site_stats`` and the next key are right.
+
+With ``total_steps`` known (or ``set_step``), the host state repeats every generation, so the first
+generation runs eagerly, the second captures, and later ones replay. Keys that never repeat (counted
+steps with no total) never capture: such runs stay eager and pay only the key.
+
+Safety: dynamic inputs are copied into static buffers (one set per input shape, shared by every graph
+of the wrapper); outputs are cloned after each replay (all graphs of one wrapper share one memory pool,
+so a graph's outputs are only valid until the next replay); a capture that allocates or replaces a
+persistent state tensor (a first call in disguise) is replayed once and then every graph of the wrapper
+is dropped; a capture that fails (a host sync in a user policy or hook, say) restores the host state,
+runs the call eagerly and never captures that key again; ``engine.reset`` / ``set_runtime_options``
+drop every graph. Policies and symbol hooks must be functions of their inputs and the step (no hidden
+host state), which every built-in is.
+
+``_CudaGraph`` is the real backend; tests swap ``GRAPH_BACKEND`` for an emulation that records the ATen
+ops of the capture and replays them on CPU (tests/_graph_emulation.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .._capture import capture_scope
+from . import engine
+from .controller import current_step
+from .hooks import _HOOKS
+from .state import _STATES, LayerState, Pass
+
+__all__ = ["StepGraphs", "graph_stats"]
+
+log = logging.getLogger("flashomni_compile")
+
+_MAX_SEEN = 1 << 14     # keys remembered before their second call (a run whose keys never repeat)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host state of a layer: what decides a call (the key) and what a call changes (save / load)
+# ---------------------------------------------------------------------------------------------------
+def _ptrs(st: LayerState) -> tuple:
+    return tuple(t.data_ptr() for t in st.tensors())
+
+
+def _decision(st: LayerState) -> tuple:
+    """Everything of ``st`` that the engine's host logic branches on, plus its buffers' addresses."""
+    brs = tuple((b.signature, b.symbols is None, b.last_update, b.q_sparse, b.kv_sparse,
+                 None if b.cache is None else (b.cache.order, b.cache.updates, b.cache.last_step,
+                                               tuple(sorted(b.cache.out_terms))))
+                for b in st.branches)
+    return (st.attn_done, st.counted_step, st.explicit_step, st.branch_index, brs, _ptrs(st))
+
+
+def _save(st: LayerState) -> tuple:
+    """The host fields a call may change (references, not copies: the tensors stay where they are)."""
+    cur = st.current
+    cur = None if cur is None else (cur.step, cur.total, cur.kind, cur.branch)
+    brs = []
+    for b in st.branches:
+        c = b.cache
+        cs = None if c is None else (c, c.order, list(c.terms), c.updates, c.last_step, c.extrap,
+                                     {k: list(v) for k, v in c.out_terms.items()}, dict(c.out_buf))
+        brs.append((b, b.signature, b.symbols, b.kv_count, b.kv_index, b.last_update, b.q_sparse, b.kv_sparse,
+                    None if b.symbols is None else getattr(b.symbols, "_lists", None), cs))
+    return (st.attn_done, st.counted_step, st.explicit_step, st.branch_index, cur, brs,
+            st.stats.cache_bytes, st.stats.cache_order)
+
+
+def _load(st: LayerState, saved: tuple) -> None:
+    (st.attn_done, st.counted_step, st.explicit_step, st.branch_index, cur, brs,
+     st.stats.cache_bytes, st.stats.cache_order) = saved
+    st.current = None if cur is None else Pass(*cur)
+    st.branches = [b for b, *_ in brs]
+    for (b, b.signature, b.symbols, b.kv_count, b.kv_index, b.last_update, b.q_sparse, b.kv_sparse,
+         lists, cs) in brs:
+        if b.symbols is not None and lists is not None:
+            b.symbols._lists = lists
+        b.cache = None if cs is None else cs[0]
+        if cs is not None:
+            c = cs[0]
+            (_, c.order, terms, c.updates, c.last_step, c.extrap, out_terms, out_buf) = cs
+            c.terms = list(terms)
+            c.out_terms = {k: list(v) for k, v in out_terms.items()}
+            c.out_buf = dict(out_buf)
+
+
+def _global_key() -> tuple:
+    return (current_step(), id(engine.runtime_options_override()), tuple(id(h) for h in _HOOKS))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Graph backends
+# ---------------------------------------------------------------------------------------------------
+class _CudaGraph:
+    """``torch.cuda.CUDAGraph`` captured on a side stream into the wrapper's memory pool."""
+
+    accepts_cpu = False
+
+    def __init__(self, pool, stream) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.pool, self.stream = pool, stream
+
+    @staticmethod
+    def new_pool():
+        return torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def new_stream():
+        return torch.cuda.Stream()
+
+    def capture(self, fn: Callable[[], Any]) -> Any:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self.graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            except BaseException:
+                try:
+                    self.graph.capture_end()
+                except Exception:
+                    pass
+                raise
+            self.graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+GRAPH_BACKEND: Any = _CudaGraph
+
+
+# ---------------------------------------------------------------------------------------------------
+# The wrapper
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    graph: Any
+    outputs: Any              # the capture's outputs (valid until the next replay of this wrapper's pool)
+    states: list              # the layer states touched, in first-touch order
+    post: list                # their host fields after the call (_save)
+    stats_log: list           # (LayerStats, method, args) the call made
+
+
+_COUNTS = {"eager": 0, "captures": 0, "replays": 0, "capture_failures": 0, "drops": 0}
+
+
+def graph_stats() -> dict:
+    """Process-wide counters of the step-graph runner: eager calls, captures, replays, failures, drops."""
+    return dict(_COUNTS)
+
+
+class StepGraphs:
+    """``fn(*args)`` (as Dynamo calls a backend's result) that runs ``compiled(*args)`` through step graphs
+    (module docstring)."""
+
+    def __init__(self, compiled: Callable, example_inputs: list, name: str = "") -> None:
+        self.compiled = compiled
+        self.name = name
+        self.static_idx = tuple(i for i, x in enumerate(example_inputs) if _is_static(x))
+        self.dynamic_idx = tuple(i for i, x in enumerate(example_inputs)
+                                 if isinstance(x, Tensor) and i not in self.static_idx)
+        self.touched: dict[tuple, tuple] = {}      # static-input addresses -> layer keys a call touches
+        self.seen: set = set()
+        self.failed: set = set()
+        self.entries: dict[tuple, _Entry] = {}
+        self.buffers: dict[tuple, Tensor] = {}     # (input index, shape, stride, dtype) -> static input
+        self.pool = None
+        self.stream = None
+        self.epoch = engine.epoch()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _call(self, args: list) -> Any:
+        return self.compiled(*args)
+
+    def _eager(self, args: list, sig: Optional[tuple]) -> Any:
+        _COUNTS["eager"] += 1
+        if sig is None:
+            return self._call(args)
+        touched: list = []
+        engine._TOUCHED = touched
+        try:
+            out = self._call(args)
+        finally:
+            engine._TOUCHED = None
+        self.touched[sig] = tuple(dict.fromkeys(touched))
+        return out
+
+    def drop(self) -> None:
+        """Forget every graph (and the pool they share), e.g. after ``engine.reset``."""
+        if self.entries:
+            _COUNTS["drops"] += 1
+        self.entries.clear()
+        self.seen.clear()
+        self.failed.clear()
+        self.touched.clear()
+        self.pool = None
+        self.epoch = engine.epoch()
+
+    def _usable(self, args: list) -> bool:
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return False
+        if not GRAPH_BACKEND.accepts_cpu and any(isinstance(a, Tensor) and not a.is_cuda for a in args):
+            return False
+        if GRAPH_BACKEND is _CudaGraph and torch.cuda.is_current_stream_capturing():
+            return False
+        return True
+
+    # -- the call ---------------------------------------------------------------------------------
+    def __call__(self, *args: Any) -> Any:
+        args = list(args)
+        if not self._usable(args):
+            return self._call(args)
+        if self.epoch != engine.epoch():
+            self.drop()
+        sig = tuple(args[i].data_ptr() for i in self.static_idx)
+        keys = self.touched.get(sig)
+        if keys is None:
+            return self._eager(args, sig)
+        states = [_STATES.get(k) for k in keys]
+        if any(s is None for s in states) or any(s.options.timing for s in states):
+            return self._eager(args, sig)
+        key = (sig, _meta(args, self.dynamic_idx), _global_key(), tuple(_decision(s) for s in states))
+        entry = self.entries.get(key)
+        if entry is not None:
+            return self._replay(entry, args)
+        if key in self.failed:
+            return self._eager(args, None)
+        if key not in self.seen:
+            if len(self.seen) >= _MAX_SEEN:
+                self.seen.clear()
+            self.seen.add(key)
+            return self._eager(args, sig)
+        return self._capture(key, args, sig, states)
+
+    def _static_args(self, args: list) -> list:
+        out = list(args)
+        for i in self.dynamic_idx:
+            a = args[i]
+            bk = (i, tuple(a.shape), a.stride(), a.dtype, a.device)
+            buf = self.buffers.get(bk)
+            if buf is None:
+                buf = self.buffers[bk] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+            if buf.data_ptr() != a.data_ptr():
+                buf.copy_(a)
+            out[i] = buf
+        return out
+
+    def _capture(self, key: tuple, args: list, sig: tuple, states: list) -> Any:
+        static = self._static_args(args)
+        pre = [_save(s) for s in states]
+        ptrs = [_ptrs(s) for s in states]
+        if self.pool is None:
+            self.pool, self.stream = GRAPH_BACKEND.new_pool(), GRAPH_BACKEND.new_stream()
+        graph = GRAPH_BACKEND(self.pool, self.stream)
+        stats_log: list = []
+        touched: list = []
+        engine._STATS_LOG, engine._TOUCHED = stats_log, touched
+        error = None
+        try:
+            with capture_scope():
+                outputs = graph.capture(lambda: self._call(static))
+        except Exception as e:   # e.g. a host sync in a user policy: this key stays eager
+            error = e
+        finally:
+            engine._STATS_LOG, engine._TOUCHED = None, None
+        if error is not None:
+            for s, p in zip(states, pre):
+                _load(s, p)
+            self.failed.add(key)
+            _COUNTS["capture_failures"] += 1
+            log.warning("flashomni: CUDA-graph capture of %s failed (%s: %s); this step runs eagerly",
+                        self.name or "a graph", type(error).__name__, error)
+            return self._eager(args, None)
+        _COUNTS["captures"] += 1
+        entry = _Entry(graph, outputs, states, [_save(s) for s in states], stats_log)
+        stable = tuple(dict.fromkeys(touched)) == self.touched.get(sig) and [_ptrs(s) for s in states] == ptrs
+        result = self._finish(entry)
+        if stable:
+            self.entries[key] = entry
+        else:
+            # The capture allocated or replaced state tensors (or touched other layers): they live in the
+            # shared pool, where other graphs' intermediates would overwrite them. Run it once, drop all.
+            log.info("flashomni: a captured call changed the layer state; dropping the graphs of %s", self.name)
+            self.drop()
+        return result
+
+    def _replay(self, entry: _Entry, args: list) -> Any:
+        self._static_args(args)
+        return self._finish(entry)
+
+    def _finish(self, entry: _Entry) -> Any:
+        entry.graph.replay()
+        _COUNTS["replays"] += 1
+        for s, p in zip(entry.states, entry.post):
+            _load(s, p)
+        for stats, name, a in entry.stats_log:
+            if name == "record_update":        # device scalars of the graph's pool: keep copies
+                stats.record_update(*(t.clone() for t in a))
+            else:
+                getattr(stats, name)(*a, replayed=True)
+        return _clone(entry.outputs)
+
+
+def _is_static(x: Any) -> bool:
+    """Parameters and buffers (Dynamo marks them static): read in place, never copied."""
+    if not isinstance(x, Tensor):
+        return False
+    if isinstance(x, torch.nn.Parameter):
+        return True
+    get = getattr(torch._dynamo.utils, "get_static_address_type", None)
+    return get is not None and get(x) is not None
+
+
+def _meta(args: list, dynamic_idx: tuple) -> tuple:
+    dyn = set(dynamic_idx)
+    return tuple((tuple(a.shape), a.stride(), a.dtype) if i in dyn else
+                 (None if isinstance(a, Tensor) else a) for i, a in enumerate(args))
+
+
+def _clone(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out.clone()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_clone(o) for o in out)
+    return out

@@ -1,0 +1,238 @@
+"""Step graphs (runtime/graphs.py): every call of a compiled graph captured once per host state and
+replayed, on a tiny Flux.
+
+On CPU the CUDA graph is emulated (tests/_graph_emulation.py): the capture records the ATen/flashomni
+ops with their tensors and a replay re-runs only those ops, so any host decision or host-state change
+the runner fails to reproduce shows up as a different output or statistic. Every run is compared with
+the same compiled model without step graphs, step by step over several generations. A replay re-executes
+the same ops on the same values, but the static input buffers sit at other addresses, which can change
+a CPU GEMM's blocking: float32 outputs (sites take no float64) differ by up to ~2e-7. A wrong host
+decision (a stale Taylor delta, old symbols, a skipped cache update) moves them by 1e-3 and more, far
+outside the 2e-6 tolerance (test_emulation_detects_a_missing_host_update checks that it does).
+"""
+
+import pytest
+import torch
+
+import _dit_models as M
+from _backend_util import reset_dynamo  # noqa: F401  (autouse fixture)
+from _graph_emulation import emulated_graphs
+from flashomni_compile.config import FlashOmniConfig
+from flashomni_compile.runtime import engine, graphs
+from flashomni_compile.runtime.controller import clear_step, set_step
+from flashomni_compile.runtime.policies import FlashOmniPolicy
+from flashomni_compile.runtime.stats import site_stats
+
+pytest.importorskip("diffusers")
+
+STEPS = 6
+# 16-token blocks on 64 image + 6 text tokens: 5 q-blocks, so that caching and skipping really happen
+SPARSE = {"total_steps": STEPS, "warmup": 1, "interval": 2, "sparse_gemm_min_macs": 0, "block_q": 16,
+          "block_kv": 16, "policy_args": {"tau_kv": 0.5, "cache_fraction": 0.5, "layer_threshold": 0.0}}
+
+
+def _flux():
+    model, kw = M.flux(num_layers=2, num_single_layers=1)
+    side = 8
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(side)), torch.arange(float(side)),
+                                         indexing="ij"), -1).reshape(-1, 3)
+    g = torch.Generator().manual_seed(5)
+    kw = dict(kw, hidden_states=torch.randn(1, side * side, 4, generator=g), img_ids=img_ids)
+    return model, kw
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    engine.reset()
+    clear_step()
+    yield
+    engine.reset()
+    clear_step()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=2e-6, atol=2e-6))
+
+
+def _inputs(kw: dict, step: int) -> dict:
+    return dict(kw, hidden_states=kw["hidden_states"] * (1.0 - 0.1 * step),
+                timestep=torch.tensor([1.0 - step / STEPS]))
+
+
+def _generations(compiled, kw: dict, gens: int, explicit: bool = False, between=None) -> list:
+    outs = []
+    with torch.no_grad():
+        for g in range(gens):
+            if between is not None:
+                between(g)
+            for i in range(STEPS):
+                if explicit:
+                    set_step(i, STEPS)
+                outs.append(compiled(**_inputs(kw, i))[0].clone())
+    clear_step()
+    return outs
+
+
+def _stats():
+    return [(s.name, s.layers, s.updates, s.dispatches, s.q_density, s.kv_density) for s in site_stats()]
+
+
+def _run(options: dict, gens: int, graphs_on: bool, explicit: bool = False, between=None):
+    torch._dynamo.reset()
+    engine.set_runtime_options(None)       # also resets
+    model, kw = _flux()
+    compiled = torch.compile(model, backend="flashomni", fullgraph=True,
+                             options={"inner_backend": "aot_eager", "cuda_graphs": graphs_on, **options})
+    before = graphs.graph_stats()
+    outs = _generations(compiled, kw, gens, explicit, between)
+    after = graphs.graph_stats()
+    return outs, _stats(), {k: after[k] - before[k] for k in after}
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["counted", "set_step"])
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_replays_equal_eager_over_generations(explicit, order):
+    opts = dict(SPARSE, taylor_order=order)
+    ref, ref_stats, none = _run(opts, 3, graphs_on=False, explicit=explicit)
+    assert none["captures"] == 0 and none["eager"] == 0, "no runner without cuda_graphs"
+    with emulated_graphs():
+        out, stats, n = _run(opts, 3, graphs_on=True, explicit=explicit)
+    # One graph (fullgraph), STEPS distinct host states. Generation 0 runs eagerly; generation 1 captures
+    # (and replays) steps 1.., but its step 0 starts from "generation 0 done", a state generation 0 never
+    # started from, so it runs eagerly and is captured in generation 2, which replays the rest.
+    assert n["captures"] == STEPS and n["capture_failures"] == 0, n
+    assert n["eager"] == STEPS + 1, n
+    assert n["replays"] == 2 * STEPS - 1, n     # each capture is replayed at once (the call's GPU work)
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert _same(a, b), f"call {i} (generation {i // STEPS}, step {i % STEPS}) differs"
+    # the runner restores the host state and re-applies the statistics after each replay
+    assert stats == ref_stats
+    assert any(s[3] > 0 for s in stats), "dispatch steps ran"
+    assert any(s[4] is not None and s[4] < 1.0 for s in stats), "the symbols were sparse"
+
+
+def test_replay_runs_no_python_of_the_engine(monkeypatch):
+    """A replay must not call the site ops: make them fail after the capture generation."""
+    torch._dynamo.reset()
+    model, kw = _flux()
+    with emulated_graphs():
+        compiled = torch.compile(model, backend="flashomni", fullgraph=True,
+                                 options={"inner_backend": "aot_eager", "cuda_graphs": True, **SPARSE})
+        _generations(compiled, kw, 3)          # eager, capture, capture step 0 (see above)
+        calls = []
+        for name in ("attention", "linear_q", "linear_o"):
+            real = getattr(engine, name)
+            monkeypatch.setattr(engine, name, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+        before = graphs.graph_stats()["replays"]
+        _generations(compiled, kw, 1)
+        assert graphs.graph_stats()["replays"] - before == STEPS
+        assert calls == [], "a replayed call ran the engine's Python"
+
+
+class _SyncingPolicy:
+    """A user policy that reads a device value on the host (a capture cannot hold that)."""
+
+    def __call__(self, ctx):
+        if float(ctx.scores.sum()) < 0:   # host read: syncs on a GPU, raises in the emulated capture
+            raise AssertionError
+        return FlashOmniPolicy(tau_kv=0.5, cache_fraction=0.5, layer_threshold=0.0)(ctx)
+
+
+def test_capture_failure_falls_back_to_eager():
+    opts = dict(SPARSE)
+    opts.pop("policy_args")
+    opts["policy"] = _SyncingPolicy()
+    ref, ref_stats, _ = _run(opts, 3, graphs_on=False)
+    with emulated_graphs():
+        out, stats, n = _run(opts, 3, graphs_on=True)
+    assert n["capture_failures"] > 0, n
+    assert n["captures"] > 0, "dispatch steps (no policy call) still capture"
+    for a, b in zip(out, ref):
+        assert _same(a, b)
+    assert stats == ref_stats
+
+
+def test_reset_and_new_options_drop_the_graphs():
+    """engine.reset / set_runtime_options between generations: graphs refer to dropped state tensors."""
+    def between(g):
+        if g == 2:
+            engine.reset()
+        if g == 3:
+            engine.set_runtime_options(dict(SPARSE, taylor_order=0))
+
+    ref, _, _ = _run(SPARSE, 5, graphs_on=False, between=between)
+    with emulated_graphs():
+        out, _, n = _run(SPARSE, 5, graphs_on=True, between=between)
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert _same(a, b), f"call {i} differs"
+    assert n["drops"] >= 1 and n["replays"] > 0, n
+    engine.set_runtime_options(None)
+
+
+def test_runner_leaves_non_matching_calls_alone():
+    """Keys that never repeat (counted steps, no total) never capture; results stay exact."""
+    opts = dict(SPARSE)
+    opts.pop("total_steps")
+    ref, _, _ = _run(opts, 2, graphs_on=False)
+    with emulated_graphs():
+        out, _, n = _run(opts, 2, graphs_on=True)
+    assert n["captures"] == 0 and n["replays"] == 0, n
+    for a, b in zip(out, ref):
+        assert _same(a, b)
+
+
+def test_options_and_inner_patches():
+    assert FlashOmniConfig.from_options({}, "reduce-overhead").step_graphs
+    assert not FlashOmniConfig.from_options({"cuda_graphs": False}, "reduce-overhead").step_graphs
+    assert FlashOmniConfig.from_options({"cuda_graphs": True}).step_graphs
+    assert not FlashOmniConfig.from_options({}).step_graphs
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        FlashOmniConfig.from_options({"cuda_graphs": "yes"})
+    from flashomni_compile.backend import _inner_compiler
+
+    cfg = FlashOmniConfig.from_options({}, "reduce-overhead")
+    assert _inner_compiler(cfg, step_graphs=True)[1]["triton.cudagraphs"] is False
+    assert _inner_compiler(cfg, step_graphs=False)[1]["triton.cudagraphs"] is True
+
+
+def test_graphs_without_sites_are_not_wrapped():
+    from flashomni_compile.backend import capture
+
+    before = graphs.graph_stats()["eager"]
+    with capture() as records, emulated_graphs():
+        out = torch.compile(lambda x: torch.relu(x) + 1, backend="flashomni",
+                            options={"inner_backend": "eager", "cuda_graphs": True})(torch.randn(4))
+    assert records and not records[0].sites and out.shape == (4,)
+    assert graphs.graph_stats()["eager"] == before, "no site: the runner is not installed"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (real CUDA graphs)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_equal_eager_on_gpu(dtype):
+    def run(on):
+        torch._dynamo.reset()
+        engine.reset()
+        model, kw = _flux()
+        model = model.to("cuda", dtype)
+        kw = {k: (v.to("cuda", dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
+                  v.to("cuda") if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        compiled = torch.compile(model, backend="flashomni", fullgraph=True,
+                                 options={"cuda_graphs": on, **SPARSE})
+        before = graphs.graph_stats()
+        outs = _generations(compiled, kw, 3)
+        return outs, {k: graphs.graph_stats()[k] - before[k] for k in before}
+
+    ref, _ = run(False)
+    out, n = run(True)
+    assert n["captures"] == STEPS and n["replays"] == 2 * STEPS and n["capture_failures"] == 0, n
+    for i, (a, b) in enumerate(zip(out, ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"call {i}")
+
+
+def test_emulation_detects_a_missing_host_update(monkeypatch):
+    """The emulation is strong enough to catch a runner that forgets the host state after a replay."""
+    monkeypatch.setattr(graphs, "_load", lambda st, saved: None)
+    ref, _, _ = _run(SPARSE, 3, graphs_on=False)
+    with emulated_graphs():
+        out, _, _ = _run(SPARSE, 3, graphs_on=True)
+    assert any(not _same(a, b) for a, b in zip(out, ref))
