@@ -40,6 +40,7 @@ from _models import flux, hunyuan_video  # noqa: E402
 
 from flashomni_compile.runtime import engine  # noqa: E402
 from flashomni_compile.runtime.controller import clear_step, set_step, step_kind  # noqa: E402
+from flashomni_compile.runtime.graphs import graph_failures, graph_stats  # noqa: E402
 from flashomni_compile.runtime.options import RuntimeOptions  # noqa: E402
 
 
@@ -107,6 +108,9 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
     records = []
     runtime = {"total_steps": args.steps, **json.loads(args.runtime)}
     configs = parse_configs(args.config)
+    graphs = args.cuda_graphs
+    # (no Inductor mode="reduce-overhead" baseline: under regional compilation its CUDA-graph trees overwrite a
+    # block's outputs that the next block still reads, and the dense Inductor step is not host-bound anyway)
     runs = [("inductor", None, None)] + [("flashomni", cname, {**runtime, **c}) for cname, c in configs]
     compiled_fo = False
     for impl, cname, options in runs:
@@ -119,18 +123,28 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
         elif not compiled_fo:
             torch._dynamo.reset()
             engine.reset()
-            model.compile_repeated_blocks(backend="flashomni", fullgraph=True, options={"policy": "flashomni", **options})
+            model.compile_repeated_blocks(backend="flashomni", fullgraph=True,
+                                          options={"policy": "flashomni", "cuda_graphs": graphs, **options})
             compiled_fo = True
         if impl == "flashomni":
             engine.set_runtime_options(options)   # later configurations: same compiled graphs, no recompile
         with torch.no_grad():
-            # Warm-up: compiles, and runs the first update and dispatch steps (Triton JIT) once.
+            # Warm-up: compiles, and runs the first update and dispatch steps (Triton JIT) once. With CUDA
+            # graphs: three whole generations (the first runs eagerly, the second captures all but step 0,
+            # whose starting state differs from the first generation's, the third captures step 0).
             t0 = time.perf_counter()
-            denoise(model, kw, name, args.steps, x0, run_steps=min(args.steps, opts.warmup + 2))
+            if graphs:
+                for _ in range(3):
+                    denoise(model, kw, name, args.steps, x0)
+            else:
+                denoise(model, kw, name, args.steps, x0, run_steps=min(args.steps, opts.warmup + 2))
             warm_s = time.perf_counter() - t0
-            engine.reset()                          # statistics of the timed loop only
+            if not graphs:
+                engine.reset()                      # statistics of the timed loop only (a reset drops graphs)
             split: list = []
+            gstats = graph_stats()
             x, times = denoise(model, kw, name, args.steps, x0, split=split)
+            gstats = {k: v - gstats[k] for k, v in graph_stats().items()}
             density = runtime_density() if impl == "flashomni" else None
             if args.profile and impl == "flashomni":   # after the timed loop: one update and one dispatch step
                 steps = {k: None for k in (opts.warmup, opts.warmup + 1)}
@@ -153,7 +167,10 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
                "dispatch_gpu_ms": med("dispatch", 1), "dispatch_host_ms": med("dispatch", 0),
                "n_update": len(upd), "n_dispatch": len(dis),
                "layers": {k: v for k, v in cfg.items() if k in ("num_layers", "num_single_layers")},
-               "runtime_options": options, **(density or {})}
+               "runtime_options": options, "cuda_graphs": graphs, **(density or {})}
+        if impl == "flashomni" and graphs:
+            rec["graph_calls"] = gstats        # of the timed loop: replays, captures, eager calls
+            rec["graph_failures"] = graph_failures()
         if impl == "inductor":
             base, ref = rec, x.float()
             rec["rel_l2"] = 0.0
@@ -208,6 +225,8 @@ def main():
     p.add_argument("--config", action="append", default=None, metavar="NAME=JSON",
                    help="a flashomni configuration (run-time options on top of --runtime), repeatable; all "
                         "share one compile (set_runtime_options). Default: default={}")
+    p.add_argument("--cuda-graphs", action="store_true", help="flashomni with cuda_graphs=True (step graphs); "
+                   "three warm-up generations")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one update and "
                    "one dispatch step of flashomni (not timed)")
     p.add_argument("--out", default=None)

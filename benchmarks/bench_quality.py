@@ -235,13 +235,15 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
                 options = backend_options(policy, params, args.steps)
                 if compiled is None:
                     reset_runtime()
-                    backend, backend_opts = flashomni(options)
+                    backend, backend_opts = flashomni({**options, "cuda_graphs": args.cuda_graphs})
                     compiled = torch.compile(model, backend=backend, options=backend_opts)
                 import flashomni_compile
                 flashomni_compile.clear_step()
                 flashomni_compile.set_runtime_options(options)   # also drops the previous run-time state
                 run = runner(compiled, set_step)
                 out = run()  # verify before timing (this call also compiles)
+                if args.cuda_graphs:
+                    run()    # step graphs: this loop captures, the timed loop's warm-up call step 0's graphs
             except Exception as e:  # report, do not hide: the run goes on with the next configuration
                 record("flashomni", policy, params, None, None, ref, base_ms, eager_ms,
                        status=f"FAIL: {_first_lines(e)}")
@@ -313,6 +315,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-prompts", type=int, default=0, help="first N fixed prompts (0: all)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cuda-graphs", action="store_true", help="compile flashomni with cuda_graphs=True: every "
+                   "sampling loop after the first two replays CUDA graphs (runtime/graphs.py)")
     p.add_argument("--baseline-backend", default="inductor", help="inductor | aot_eager | eager | none")
     p.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--out", type=Path, default=None)

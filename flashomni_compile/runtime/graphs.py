@@ -48,7 +48,7 @@ from .controller import current_step
 from .hooks import _HOOKS
 from .state import _STATES, LayerState, Pass
 
-__all__ = ["StepGraphs", "graph_stats"]
+__all__ = ["StepGraphs", "graph_stats", "graph_failures"]
 
 log = logging.getLogger("flashomni_compile")
 
@@ -166,9 +166,17 @@ class _Entry:
 _COUNTS = {"eager": 0, "captures": 0, "replays": 0, "capture_failures": 0, "drops": 0}
 
 
+_FAILURES: list[str] = []   # the first few capture errors, for reports
+
+
 def graph_stats() -> dict:
     """Process-wide counters of the step-graph runner: eager calls, captures, replays, failures, drops."""
     return dict(_COUNTS)
+
+
+def graph_failures() -> list[str]:
+    """The first (up to 8) capture errors of this process, as ``"Type: message"``."""
+    return list(_FAILURES)
 
 
 class StepGraphs:
@@ -290,6 +298,11 @@ class StepGraphs:
                 _load(s, p)
             self.failed.add(key)
             _COUNTS["capture_failures"] += 1
+            if len(_FAILURES) < 8:
+                _FAILURES.append(f"{type(error).__name__}: {error}")
+            # a failed capture may leave the allocator recording into the pool for the capture stream:
+            # later captures take a new pool and stream (the graphs already captured keep theirs)
+            self.pool = self.stream = None
             log.warning("flashomni: CUDA-graph capture of %s failed (%s: %s); this step runs eagerly",
                         self.name or "a graph", type(error).__name__, error)
             return self._eager(args, None)
