@@ -21,8 +21,11 @@ generation runs eagerly, the second captures, and later ones replay. Keys that n
 steps with no total) never capture: such runs stay eager and pay only the key.
 
 Safety: dynamic inputs are copied into static buffers (one set per input shape, shared by every graph
-of the wrapper); outputs are cloned after each replay (all graphs of one wrapper share one memory pool,
-so a graph's outputs are only valid until the next replay); a capture that allocates or replaces a
+of the wrapper); each graph ends by copying its outputs into static output buffers (also shared, allocated
+outside the pool) and the runner returns clones of those, so no graph keeps tensors alive in the pool it
+shares with the others: the pool holds one call's intermediates, not one output per graph (Flux at
+1024^2 with regional compilation: 1,140 graphs, whose outputs alone would take ~30 GB); a capture that
+allocates or replaces a
 persistent state tensor (a first call in disguise) is replayed once and then every graph of the wrapper
 is dropped; a capture that fails (a host sync in a user policy or hook, say) restores the host state,
 runs the call eagerly and never captures that key again; ``engine.reset`` / ``set_runtime_options``
@@ -41,6 +44,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._capture import capture_scope
 from . import engine
@@ -157,7 +161,7 @@ GRAPH_BACKEND: Any = _CudaGraph
 @dataclass
 class _Entry:
     graph: Any
-    outputs: Any              # the capture's outputs (valid until the next replay of this wrapper's pool)
+    outputs: Any              # the static output buffers the graph writes (pytree of the call's result)
     states: list              # the layer states touched, in first-touch order
     post: list                # their host fields after the call (_save)
     stats_log: list           # (LayerStats, method, args) the call made
@@ -194,6 +198,8 @@ class StepGraphs:
         self.failed: set = set()
         self.entries: dict[tuple, _Entry] = {}
         self.buffers: dict[tuple, Tensor] = {}     # (input index, shape, stride, dtype) -> static input
+        self.out_buffers: dict[tuple, Tensor] = {}  # (output index, shape, stride, dtype) -> static output
+        self.out_meta: dict[tuple, list] = {}       # static-input addresses -> the eager call's output metas
         self.pool = None
         self.stream = None
         self.epoch = engine.epoch()
@@ -213,6 +219,7 @@ class StepGraphs:
         finally:
             engine._TOUCHED = None
         self.touched[sig] = tuple(dict.fromkeys(touched))
+        self.out_meta[sig] = [_tmeta(t) for t in tree_flatten(out)[0]]
         return out
 
     def drop(self) -> None:
@@ -275,8 +282,35 @@ class StepGraphs:
             out[i] = buf
         return out
 
+    def _out_buffers(self, sig: tuple) -> list:
+        """Static output buffers (allocated outside any capture) for the outputs the eager call made."""
+        bufs = []
+        for i, m in enumerate(self.out_meta[sig]):
+            if m is None:
+                bufs.append(None)
+                continue
+            bk = (i, *m)
+            if bk not in self.out_buffers:
+                shape, stride, dtype, device = m
+                self.out_buffers[bk] = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            bufs.append(self.out_buffers[bk])
+        return bufs
+
     def _capture(self, key: tuple, args: list, sig: tuple, states: list) -> Any:
         static = self._static_args(args)
+        bufs = self._out_buffers(sig)
+
+        def body():
+            # the call, then its outputs copied into the static buffers; the result object carries them
+            flat, spec = tree_flatten(self._call(static))
+            if len(flat) != len(bufs) or any(_tmeta(t) != (None if b is None else _tmeta(b))
+                                             for t, b in zip(flat, bufs)):
+                raise RuntimeError("the call's outputs differ from the eager call's (shapes/strides/dtypes)")
+            for t, b in zip(flat, bufs):
+                if b is not None:
+                    b.copy_(t)
+            return tree_unflatten([t if b is None else b for t, b in zip(flat, bufs)], spec)
+
         pre = [_save(s) for s in states]
         ptrs = [_ptrs(s) for s in states]
         if self.pool is None:
@@ -288,7 +322,7 @@ class StepGraphs:
         error = None
         try:
             with capture_scope():
-                outputs = graph.capture(lambda: self._call(static))
+                outputs = graph.capture(body)
         except Exception as e:   # e.g. a host sync in a user policy: this key stays eager
             error = e
         finally:
@@ -350,6 +384,12 @@ def _meta(args: list, dynamic_idx: tuple) -> tuple:
     dyn = set(dynamic_idx)
     return tuple((tuple(a.shape), a.stride(), a.dtype) if i in dyn else
                  (None if isinstance(a, Tensor) else a) for i, a in enumerate(args))
+
+
+def _tmeta(t: Any) -> Optional[tuple]:
+    if not isinstance(t, Tensor):
+        return None
+    return (tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
 def _clone(out: Any) -> Any:
