@@ -182,6 +182,24 @@ def test_runner_leaves_non_matching_calls_alone():
         assert _same(a, b)
 
 
+def test_expanded_inputs_stay_eager():
+    """An input whose elements share memory cannot be copied into a static buffer: the call runs eagerly."""
+    with emulated_graphs(), torch.no_grad():
+        runner = graphs.StepGraphs(lambda x, w: x * w, [torch.randn(4, 3), torch.nn.Parameter(torch.randn(3))])
+        w = torch.nn.Parameter(torch.randn(3))
+        x = torch.randn(1, 3).expand(4, 3)
+        before = graphs.graph_stats()
+        for _ in range(3):
+            torch.testing.assert_close(runner(x, w), x * w)
+        assert graphs.graph_stats() == before, "no key, no capture, no replay"
+        y = torch.randn(4, 3)
+        for _ in range(3):
+            out = runner(y, w)
+        torch.testing.assert_close(out, y * w)
+        after = graphs.graph_stats()
+        assert (after["eager"] - before["eager"], after["captures"] - before["captures"]) == (2, 1)
+
+
 def test_options_and_inner_patches():
     assert FlashOmniConfig.from_options({}, "reduce-overhead").step_graphs
     assert not FlashOmniConfig.from_options({"cuda_graphs": False}, "reduce-overhead").step_graphs

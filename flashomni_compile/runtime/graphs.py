@@ -199,7 +199,7 @@ class StepGraphs:
         self.entries: dict[tuple, _Entry] = {}
         self.buffers: dict[tuple, Tensor] = {}     # (input index, shape, stride, dtype) -> static input
         self.out_buffers: dict[tuple, Tensor] = {}  # (output index, shape, stride, dtype) -> static output
-        self.out_meta: dict[tuple, list] = {}       # static-input addresses -> the eager call's output metas
+        self.out_meta: dict[tuple, list] = {}       # (static addresses, input metas) -> eager output metas
         self.pool = None
         self.stream = None
         self.epoch = engine.epoch()
@@ -219,7 +219,7 @@ class StepGraphs:
         finally:
             engine._TOUCHED = None
         self.touched[sig] = tuple(dict.fromkeys(touched))
-        self.out_meta[sig] = [_tmeta(t) for t in tree_flatten(out)[0]]
+        self.out_meta[(sig, _meta(args, self.dynamic_idx))] = [_tmeta(t) for t in tree_flatten(out)[0]]
         return out
 
     def drop(self) -> None:
@@ -240,7 +240,10 @@ class StepGraphs:
             return False
         if GRAPH_BACKEND is _CudaGraph and torch.cuda.is_current_stream_capturing():
             return False
-        return True
+        # an input whose elements share memory (an expanded view) cannot be copied into a static buffer of
+        # its strides, and Inductor's code checks the strides it was compiled for: such calls stay eager
+        return not any(st == 0 and n > 1 for i in self.dynamic_idx
+                       for st, n in zip(args[i].stride(), args[i].shape))
 
     # -- the call ---------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
@@ -282,10 +285,10 @@ class StepGraphs:
             out[i] = buf
         return out
 
-    def _out_buffers(self, sig: tuple) -> list:
+    def _out_buffers(self, key: tuple) -> list:
         """Static output buffers (allocated outside any capture) for the outputs the eager call made."""
         bufs = []
-        for i, m in enumerate(self.out_meta[sig]):
+        for i, m in enumerate(self.out_meta[key[:2]]):
             if m is None:
                 bufs.append(None)
                 continue
@@ -298,7 +301,7 @@ class StepGraphs:
 
     def _capture(self, key: tuple, args: list, sig: tuple, states: list) -> Any:
         static = self._static_args(args)
-        bufs = self._out_buffers(sig)
+        bufs = self._out_buffers(key)
 
         def body():
             # the call, then its outputs copied into the static buffers; the result object carries them
