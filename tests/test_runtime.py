@@ -428,6 +428,37 @@ def test_cache_cap_lowers_order(cap_mb, order):
         assert rel(tr.y, dense_forward_o(L, tr.a, True)) < TOL64
 
 
+def test_cache_order_fits_free_memory(monkeypatch):
+    """cache_min_free: the order is chosen at the first update from the free memory, and then kept."""
+    from flashomni_compile.runtime import engine
+
+    mib = 2**20
+    total = 100 * mib                       # reserve 10% = 10 MiB; orders need 0.39 / 0.98 / 1.37 MiB
+    free = {"now": 11.0 * mib}              # 1 MiB above the reserve: order 1
+    monkeypatch.setattr(engine, "_device_memory", lambda device: (free["now"], total))
+    site = make_site(dict(SPARSE, taylor_order=2, warmup=3))
+    L = Layer.random()
+    for step in range(STEPS):
+        if step == 1:
+            free["now"] = 1000.0 * mib      # memory freed later: the order stays what it was
+        tr = forward(site, L, inputs(step))
+        assert rel(tr.y, dense_forward_o(L, tr.a, True)) < TOL64
+    st, br = _state(site, L)
+    assert br.cache.order == 1 and st.stats.cache_bytes <= 1.0 * mib
+
+    engine.reset()
+    free["now"] = 10.2 * mib                # 0.2 MiB above the reserve: not even order 0 fits
+    site = make_site(dict(SPARSE, taylor_order=2, warmup=3))
+    _kinds(site, L, STEPS)
+    st, br = _state(site, L)
+    assert br.cache is None and br.symbols.q_keep.all() and st.stats.cache_bytes == 0
+
+    engine.reset()
+    site = make_site(dict(SPARSE, taylor_order=2, warmup=3, cache_min_free=None))   # no check
+    _kinds(site, L, STEPS)
+    assert _state(site, L)[1].cache.order == 2
+
+
 def test_site_overrides_apply_by_name():
     opts = dict(SPARSE, site_overrides={"blocks.1.*": {"policy": "dense", "policy_args": {}}})
     s0, s1 = make_site(opts, name="blocks.0.attn"), make_site(opts, name="blocks.1.attn")

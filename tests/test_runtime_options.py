@@ -41,6 +41,7 @@ def test_defaults_and_from_dict():
     ({"total_steps": 0}, r"'total_steps'=0 is not valid; need an int >= 1 or None"),
     ({"block_q": 48}, r"'block_q'=48 is not valid; need a power of two in 16..256"),
     ({"cache_cap_mb": -1}, r"'cache_cap_mb'=-1 is not valid"),
+    ({"cache_min_free": 1.0}, r"'cache_min_free'=1.0 is not valid"),
     ({"symbol_hook": 5}, r"'symbol_hook' must be callable"),
     ({"timing": "yes"}, r"'timing' must be True or False"),
     ({"sparse_gemm_min_macs": -1}, r"'sparse_gemm_min_macs'=-1 is not valid; need an int >= 0"),

@@ -276,6 +276,15 @@ def linear_o(site: int, anchor: Tensor, a: Tensor, weight: Tensor, bias: Optiona
 # ---------------------------------------------------------------------------------------------------
 # Update step (plan)
 # ---------------------------------------------------------------------------------------------------
+def _device_memory(device: torch.device) -> Optional[tuple[int, int]]:
+    """(bytes a new cache may take, device total): free in the driver plus what PyTorch's allocator holds
+    unused; None off CUDA. A driver query, no stream sync; asked once per branch, at its first update."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+
+
 def _cache_bytes(st: LayerState) -> int:
     return sum(b.cache.nbytes() for b in st.branches if b.cache is not None)
 
@@ -303,6 +312,13 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
         out_term = B * Nq * H * D * esize if "gemm_o" in spec.pieces else 0
         cap = None if opts.cache_cap_mb is None else opts.cache_cap_mb * 2**20
         order = order_within_cap(opts.taylor_order, cap, term, out_term)
+        if br.cache is not None:
+            order = min(order, br.cache.order)   # fixed at the branch's first update, when memory was checked
+        elif order >= 0 and opts.cache_min_free is not None:
+            mem = _device_memory(q.device)
+            if mem is not None:
+                available, total = mem
+                order = order_within_cap(order, available - opts.cache_min_free * total, term, out_term)
         caches_q = order >= 0
         if caches_q and (br.cache is None or br.cache.order != order):
             br.cache = FeatureCache(order)

@@ -55,6 +55,11 @@ class RuntimeOptions:
         taylor_order: feature-cache extrapolation order 0 (reuse), 1 or 2 (TaylorSeer). Default 1.
         cache_cap_mb: cap on the feature cache + GEMM-O cache of one layer, in MiB; over the cap the
             order is lowered, and below order 0 the layer does not cache (q-blocks all computed).
+        cache_min_free: fraction of the device's memory the feature caches leave free (CUDA only).
+            At a layer's first update its order is lowered until its buffers fit in the memory that
+            is free (driver plus PyTorch's unused reserve) minus this fraction; the order then stays.
+            Default 0.1: full-size HunyuanVideo (33.5K tokens, ~1 GB of order-1 cache per layer beside
+            26 GB of weights) degrades layer by layer instead of running out of memory. None: no check.
         symbol_hook: ``fn(spec, step, scores, symbols) -> SparseSymbols | None`` called at update steps
             after the policy (see ``hooks.py``).
         site_overrides: ``{pattern: {option: value}}``; ``pattern`` is matched (fnmatch) against the
@@ -81,6 +86,7 @@ class RuntimeOptions:
     total_steps: Optional[int] = None
     taylor_order: int = 1
     cache_cap_mb: Optional[float] = None
+    cache_min_free: Optional[float] = 0.1
     symbol_hook: Optional[Callable] = None
     site_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     timing: bool = False
@@ -118,6 +124,10 @@ class RuntimeOptions:
         cap = self.cache_cap_mb
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap < 0):
             raise ValueError(f"flashomni option 'cache_cap_mb'={cap!r} is not valid; need a number >= 0 or None")
+        mf = self.cache_min_free
+        if mf is not None and (isinstance(mf, bool) or not isinstance(mf, (int, float)) or not 0 <= mf < 1):
+            raise ValueError(f"flashomni option 'cache_min_free'={mf!r} is not valid; need a fraction in [0, 1) "
+                             "or None")
         if self.symbol_hook is not None and not callable(self.symbol_hook):
             raise ValueError(f"flashomni option 'symbol_hook' must be callable "
                              f"fn(spec, step, scores, symbols), got {type(self.symbol_hook).__name__}")
