@@ -219,8 +219,8 @@ def sparse_linear_o(a: Tensor, weight: Tensor, c: Tensor, q_keep: Tensor, *, hea
 #
 # The update/dispatch decision is host-side Python inside these ops, so a CUDA-graph replay would
 # freeze whichever step kind was recorded: the ops are tagged ``cudagraph_unsafe``, which keeps them out
-# of captured graphs under ``mode="reduce-overhead"`` (Inductor then partitions around them or skips
-# cudagraphs for that graph).
+# of Inductor's captured graphs. The backend's own step graphs (runtime/graphs.py, on with
+# ``cuda_graphs=True`` or ``mode="reduce-overhead"``) capture whole calls instead, one per host state.
 # ===================================================================================================
 _SITE_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
