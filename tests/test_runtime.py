@@ -18,6 +18,7 @@ from flashomni_compile.kernels.attention import sparse_attention_ref
 from flashomni_compile.runtime import engine
 from flashomni_compile.runtime.controller import clear_step, set_step
 from flashomni_compile.runtime.hooks import register_symbol_hook
+from flashomni_compile.runtime.policies import FlashOmniPolicy
 from flashomni_compile.runtime.state import all_layer_states
 from flashomni_compile.symbols import kv_block_lists
 
@@ -448,10 +449,18 @@ def test_cache_order_fits_free_memory(monkeypatch):
 
     engine.reset()
     free["now"] = 10.2 * mib                # 0.2 MiB above the reserve: not even order 0 fits
-    site = make_site(dict(SPARSE, taylor_order=2, warmup=3))
+    seen = []
+
+    class Recording(FlashOmniPolicy):       # the memory check runs at every update here: the policy must
+        def __call__(self, ctx):            # still see the step total, not the device's memory
+            seen.append(ctx.total)
+            return super().__call__(ctx)
+
+    site = make_site(dict(SPARSE, taylor_order=2, warmup=3, policy=Recording(), policy_args={}))
     _kinds(site, L, STEPS)
     st, br = _state(site, L)
     assert br.cache is None and br.symbols.q_keep.all() and st.stats.cache_bytes == 0
+    assert seen and set(seen) == {SPARSE.get("total_steps")}
 
     engine.reset()
     site = make_site(dict(SPARSE, taylor_order=2, warmup=3, cache_min_free=None))   # no check

@@ -317,8 +317,8 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
         elif order >= 0 and opts.cache_min_free is not None:
             mem = _device_memory(q.device)
             if mem is not None:
-                available, total = mem
-                order = order_within_cap(order, available - opts.cache_min_free * total, term, out_term)
+                available, capacity = mem
+                order = order_within_cap(order, available - opts.cache_min_free * capacity, term, out_term)
         caches_q = order >= 0
         if caches_q and (br.cache is None or br.cache.order != order):
             br.cache = FeatureCache(order)
