@@ -26,6 +26,7 @@ import argparse
 import gc
 import json
 import statistics
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from flashomni_compile.runtime import engine  # noqa: E402
 from flashomni_compile.runtime.controller import clear_step, set_step, step_kind  # noqa: E402
 from flashomni_compile.runtime.graphs import graph_failures, graph_stats  # noqa: E402
 from flashomni_compile.runtime.options import RuntimeOptions  # noqa: E402
+from flashomni_compile.runtime.state import all_layer_states  # noqa: E402
 
 
 def _sync():
@@ -146,6 +148,9 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
             x, times = denoise(model, kw, name, args.steps, x0, split=split)
             gstats = {k: v - gstats[k] for k, v in graph_stats().items()}
             density = runtime_density() if impl == "flashomni" else None
+            if impl == "flashomni":   # Taylor order per layer after the loop (-1: the layer does not cache)
+                orders = Counter(st.stats.cache_order for st in all_layer_states())
+                density = {**(density or {}), "cache_orders": {str(k): v for k, v in sorted(orders.items())}}
             if args.profile and impl == "flashomni":   # after the timed loop: one update and one dispatch step
                 steps = {k: None for k in (opts.warmup, opts.warmup + 1)}
                 denoise(model, kw, name, args.steps, x0, run_steps=opts.warmup + 2, profile=steps)
