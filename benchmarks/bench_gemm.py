@@ -3,6 +3,8 @@
     python benchmarks/bench_gemm.py               # the issue's grid -> benchmarks/results/gemm_h100.json
     python benchmarks/bench_gemm.py --sweep       # also times the launch candidates, then the grid with the best
     python benchmarks/bench_gemm.py --selfcheck   # only the small-case correctness checks (odd shapes, dtypes)
+    python benchmarks/bench_gemm.py --sweep --kernels o   # only the GEMM-O dispatch candidates (per-tile vs persistent)
+    python benchmarks/bench_gemm.py --compile-check   # no GPU needed: sm_90 registers/spills/shared of the candidates
 
 Problem (issue 3): bf16, B=1, H=24 heads of D=128, symbol blocks of 128 rows.
 ``gemm_q``: ``x [M, 3072] @ W^T + b`` with N = 3072 (Q alone) or 9216 (fused QKV, only the first 3072
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-if not torch.cuda.is_available():  # CPU smoke run of this script: the kernels under the interpreter
+if not torch.cuda.is_available() and "--compile-check" not in sys.argv:   # CPU smoke run: the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from _common import bench_ms, format_table, header, rel_err, tflops, write_results  # noqa: E402
 
@@ -69,7 +71,19 @@ O_VARIANTS = {   # also the candidates for "c" (out_proj_cache)
     "tma_64x256x64_w8_s3": Config(64, 256, 64, 8, 8, 3, True),
     "tma_64x128x128_w4_s3": Config(64, 128, 128, 8, 4, 3, True),
 }
+# The persistent GEMM-O kernel (gemm_o.py; pointer loads, `persistent` programs per SM), timed in the same
+# sweep as the per-tile kernel above. 128x256 is a candidate for "o" only: the cache kernel spills there
+# (NOTES.md, "Persistent GEMM-O").
+P_VARIANTS = {
+    "pers_128x128x64_w8_s4": Config(128, 128, 64, 8, 8, 4, False, persistent=1),
+    "pers_128x128x64_w8_s3": Config(128, 128, 64, 8, 8, 3, False, persistent=1),
+    "pers_64x128x64_w4_s4_x2": Config(64, 128, 64, 8, 4, 4, False, persistent=2),
+    "pers_64x128x64_w4_s3_x2": Config(64, 128, 64, 8, 4, 3, False, persistent=2),
+    "pers_128x256x64_w8_s3": Config(128, 256, 64, 8, 8, 3, False, persistent=1),
+}
+C_P_VARIANTS = {k: v for k, v in P_VARIANTS.items() if v.block_n <= 128}
 PTR = Config(128, 128, 64, 8, 8, 3, False)   # the portable path, self-checked
+PERSIST = P_VARIANTS["pers_128x128x64_w8_s4"]   # self-checked on 3 programs: each walks several tiles
 
 
 def symbols(m: int, density: float, seed: int, device) -> torch.Tensor:
@@ -160,7 +174,10 @@ def selfcheck(device) -> list[str]:
     cases = [(dt, hd, *((200, 77) if i % 2 else (333, 0)), None)
              for i, (dt, hd) in enumerate((dt, hd) for dt in (torch.bfloat16, torch.float16, torch.float32) for hd in (64, 72, 128))]
     cases += [(torch.bfloat16, 128, 200, 77, ptr), (torch.float32, 64, 333, 0, ptr)]
+    cases += [(dt, hd, *((200, 77) if i % 2 else (333, 0)), PERSIST)
+              for i, (dt, hd) in enumerate((dt, hd) for dt in (torch.bfloat16, torch.float16) for hd in (64, 72, 128))]
     for dt, hd, m, off, cfg in cases:
+        progs = 3 if cfg is not None and cfg.persistent else None
         nh, bsz, k, n, ke = 3, 2, 96, 160, 80
         nqb = -(-(off + m) // 64) + 1
         keep = torch.rand(bsz, nh, nqb, generator=g, device=device) < 0.5
@@ -169,12 +186,13 @@ def selfcheck(device) -> list[str]:
         a, wo, bo, e, ew = r(bsz, m, nh * hd), r(n, nh * hd), r(n), r(bsz, m, ke), r(n, ke)
         y = gemm_q.sparse_linear_q_triton(x, wq, bq, keep, hd, off, 64, nh * hd, config=cfg)
         err_q = rel_err(y, gemm_q.sparse_linear_q_ref(x.double(), wq.double(), bq.double(), keep, hd, off, 64, nh * hd))
-        c = gemm_o.out_proj_cache_triton(a, wo, bo, keep, hd, off, 64, config=cfg)
-        yo = gemm_o.sparse_linear_o_triton(a, wo, c, keep, e, ew, hd, off, 64, config=cfg)
+        c = gemm_o.out_proj_cache_triton(a, wo, bo, keep, hd, off, 64, config=cfg, programs=progs)
+        yo = gemm_o.sparse_linear_o_triton(a, wo, c, keep, e, ew, hd, off, 64, config=cfg, programs=progs)
         want = a.double() @ wo.double().T + bo.double() + e.double() @ ew.double().T
         err_o = rel_err(yo, want)
         if not (err_q < tol[dt] and err_o < tol[dt]):
-            fails.append(f"{dt} D={hd} M={m} off={off} cfg={'ptr' if cfg else 'table'}: q {err_q:.2e} o {err_o:.2e}")
+            name = "table" if cfg is None else "persistent" if cfg.persistent else "ptr"
+            fails.append(f"{dt} D={hd} M={m} off={off} cfg={name}: q {err_q:.2e} o {err_o:.2e}")
     print(f"selfcheck: {len(cases) - len(fails)}/{len(cases)} ok" + "".join("\n  FAIL " + f for f in fails), flush=True)
     return fails
 
@@ -261,13 +279,15 @@ def _cpu_ms(fn) -> float:
 TIME = graph_ms if torch.cuda.is_available() else _cpu_ms
 
 
-def sweep(device, ms, densities):
+def sweep(device, ms, densities, kernels=("q", "o", "c")):
     """Time every candidate; return the Config of least total time over the cases, per kernel.
 
     Total time, not a geometric mean: the geometric mean let the empty reduction of ``out_proj_cache``
     at d = 1 (0.015 vs 0.031 ms) pick 64-row tiles that are 27-37% slower on every case with work."""
     rows, best = [], {}
-    for kernel, variants in (("q", Q_VARIANTS), ("o", O_VARIANTS), ("c", O_VARIANTS)):
+    candidates = {"q": Q_VARIANTS, "o": {**O_VARIANTS, **P_VARIANTS}, "c": {**O_VARIANTS, **C_P_VARIANTS}}
+    for kernel in kernels:
+        variants = candidates[kernel]
         score = {}
         for vname, cfg in variants.items():
             if cfg is None:     # the table's entry is one of the named candidates
@@ -290,7 +310,80 @@ def sweep(device, ms, densities):
         name = min(score, key=score.get)
         best[kernel] = variants[name]
         print(f"sweep {kernel}: best {name}", flush=True)
+        print(sweep_table([r for r in rows if r["impl"] == f"sweep_{kernel}"]), flush=True)
     return best, rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """One line per candidate, one column per case (M/K/density): milliseconds, the per-tile and the
+    persistent kernels side by side."""
+    cases = list(dict.fromkeys((r["M"], r["N"], r["K"], r["density"]) for r in rows))
+    ms = {(r["variant"], (r["M"], r["N"], r["K"], r["density"])): r["ms"] for r in rows}
+    head = f"{'variant':28s}" + "".join(f" {f'{m}/{k}/d{d:g}':>16s}" for m, n, k, d in cases)
+    lines = [head]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        cells = [ms.get((v, c)) for c in cases]
+        lines.append(f"{v:28s}" + "".join(f" {x:16.4f}" if x else f" {'FAIL':>16s}" for x in cells))
+    return "\n".join(lines)
+
+
+def compile_check() -> None:
+    """Compile every persistent GEMM-O candidate for sm_90 on this machine, GPU or not, and print
+    registers, spilled bytes (cuobjdump's STACK) and shared memory per (candidate, kernel, dtype, D).
+
+    The launchers run as usual on CPU tensors of the benchmark's widths; each launch becomes
+    ``kernel.warmup`` (compile only) under a stub driver that reports an sm_90 target."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class _Sm90:   # what JITFunction.run asks the driver before compiling
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(_Sm90())
+    compiled = []
+    gemm_o.launch = lambda kernel, grid, *a, **kw: compiled.append(kernel.warmup(*a, grid=grid, **kw))
+
+    def usage(kernel) -> tuple[int, int, int]:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                                 capture_output=True, text=True, check=True).stdout
+        regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
+        return int(regs), int(stack), kernel.metadata.shared
+
+    print(f"triton {triton.__version__}, sm_90; M=1024, N=3072, K=3072 (+512 extra), block_q=128")
+    print(f"{'variant':28s} {'kernel':9s} {'dtype':8s} {'D':>4s} {'regs':>5s} {'spill B':>8s} {'shared B':>9s}")
+    for name, cfg in P_VARIANTS.items():
+        for dt in (torch.bfloat16, torch.float16):
+            for hd in ((64, 72, 128) if dt == torch.bfloat16 else (128,)):
+                a, w = torch.empty(1, 1024, 3072 // hd * hd, dtype=dt), torch.empty(3072, 3072 // hd * hd, dtype=dt)
+                c, y = torch.empty(1, 1024, 3072, dtype=dt), torch.empty(1, 1024, 3072, dtype=dt)
+                e, ew = torch.empty(1, 1024, 512, dtype=dt), torch.empty(3072, 512, dtype=dt)
+                keep = torch.ones(1, a.shape[-1] // hd, 9, dtype=torch.bool)
+                runs = {"o": lambda: gemm_o.sparse_linear_o_triton(a, w, c, keep, None, None, hd, 0, BQ, cfg, y),
+                        "o+extra": lambda: gemm_o.sparse_linear_o_triton(a, w, c, keep, e, ew, hd, 0, BQ, cfg, y),
+                        "c": lambda: gemm_o.out_proj_cache_triton(a, w, w[0], keep, hd, 0, BQ, cfg, y)}
+                for kname, run in runs.items():
+                    if kname == "c" and name not in C_P_VARIANTS:
+                        continue
+                    compiled.clear()
+                    run()
+                    regs, stack, shared = usage(compiled[-1])
+                    print(f"{name:28s} {kname:9s} {str(dt)[6:]:8s} {hd:4d} {regs:5d} {stack:8d} {shared:9d}", flush=True)
 
 
 def work(r: dict) -> tuple[float, float]:
@@ -329,8 +422,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="time the launch candidates first; use the best")
     ap.add_argument("--selfcheck", action="store_true", help="only the small-case correctness checks")
+    ap.add_argument("--kernels", default="q,o,c", help="with --sweep: which kernels' candidates to time (q,o,c)")
+    ap.add_argument("--compile-check", action="store_true",
+                    help="no GPU needed: compile the GEMM-O candidates for sm_90, print registers/spills/shared")
     ap.add_argument("--out", default="benchmarks/results/gemm_h100.json")
     args = ap.parse_args()
+    if args.compile_check:
+        compile_check()
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu = device == "cpu"
     fails = selfcheck(device) if not cpu else []
@@ -344,7 +443,8 @@ def main():
     cfg = {"q": None, "o": None, "c": None}
     sweep_rows = []
     if args.sweep and not cpu:
-        cfg, sweep_rows = sweep(device, ms, (1.0, 0.5, 0.125))
+        cfg, sweep_rows = sweep(device, ms, (1.0, 0.5, 0.125), tuple(args.kernels.split(",")))
+        cfg = {k: cfg.get(k) for k in ("q", "o", "c")}
 
     records = []
     for M in ms:

@@ -59,10 +59,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def grouped_tile(pid, num_tiles_m, num_tiles_n, GROUP_M: tl.constexpr):
-    """(shared) Program id -> (row tile, column tile), GROUP_M row tiles at a time (tutorial 03)."""
+    """(shared) Program id (a scalar or, in gemm_o's persistent kernel, a vector of tile indices) ->
+    (row tile, column tile), GROUP_M row tiles at a time (tutorial 03)."""
     in_group = GROUP_M * num_tiles_n
     first_m = (pid // in_group) * GROUP_M
-    size_m = min(num_tiles_m - first_m, GROUP_M)
+    size_m = tl.minimum(num_tiles_m - first_m, GROUP_M)
     tile_m = first_m + (pid % in_group) % size_m
     tile_n = (pid % in_group) // size_m
     return tile_m, tile_n
@@ -202,6 +203,7 @@ class Config(NamedTuple):
     num_stages: int
     tma: bool
     split_n: bool = False   # GEMM-Q: a tile whose two halves are not both kept runs as two half tiles
+    persistent: int = 0     # GEMM-O: > 0 runs the persistent kernel on that many programs per SM (gemm_o.py)
 
 
 # Per (arch, kernel); kernels: "q" GEMM-Q, "o" sparse_linear_o (dispatch step), "c" out_proj_cache
