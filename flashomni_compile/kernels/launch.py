@@ -114,14 +114,20 @@ def _current_stream(device: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 # The key
 # ---------------------------------------------------------------------------------------------------
-def _getter(idx: list[int]) -> Callable[[tuple], tuple]:
-    """A C-level ``args -> tuple(args[i] for i in idx)``."""
-    if not idx:
-        return lambda a: ()
-    if len(idx) == 1:
-        one = operator.itemgetter(idx[0])
-        return lambda a: (one(a),)
-    return operator.itemgetter(*idx)
+def _tuple_of(make: Callable, keys: list) -> Callable[[Any], tuple]:
+    """A C-level ``obj -> tuple of make(key)(obj) for each key`` (``make``: ``operator.itemgetter`` or
+    ``operator.attrgetter``, which return a bare value, not a 1-tuple, for a single key)."""
+    if not keys:
+        return lambda o: ()
+    if len(keys) == 1:
+        one = make(keys[0])
+        return lambda o: (one(o),)
+    return make(*keys)
+
+
+def _getter(keys: list) -> Callable[[Any], tuple]:
+    """``args -> tuple(args[i] for i in keys)``; also for dicts (``kwargs -> tuple of kwargs[name]``)."""
+    return _tuple_of(operator.itemgetter, keys)
 
 
 class _Layout:
@@ -296,7 +302,7 @@ class _KernelLaunches:
             return   # a parameter left to its default: not replayed (none of our kernels does this)
         if len(self.entries) >= _MAX_ENTRIES:
             self.entries.clear()
-        self.entries[key] = _Entry(kernel, _getter_kw(rest))
+        self.entries[key] = _Entry(kernel, _getter(rest))
 
 
 def _quiet(hook, chain_type) -> bool:
@@ -306,22 +312,8 @@ def _quiet(hook, chain_type) -> bool:
 
 
 def _attr_tuple(paths: list[str]) -> Callable[[Any], tuple]:
-    """A C-level ``obj -> tuple of the dotted attributes`` (``operator.attrgetter``)."""
-    if not paths:
-        return lambda o: ()
-    if len(paths) == 1:
-        one = operator.attrgetter(paths[0])
-        return lambda o: (one(o),)
-    return operator.attrgetter(*paths)
-
-
-def _getter_kw(names: list[str]) -> Callable[[dict], tuple]:
-    if not names:
-        return lambda kw: ()
-    if len(names) == 1:
-        one = operator.itemgetter(names[0])
-        return lambda kw: (one(kw),)
-    return operator.itemgetter(*names)
+    """``obj -> tuple of the dotted attributes``."""
+    return _tuple_of(operator.attrgetter, paths)
 
 
 _MISSING = object()

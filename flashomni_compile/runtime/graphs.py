@@ -193,6 +193,7 @@ class StepGraphs:
         self.static_idx = tuple(i for i, x in enumerate(example_inputs) if _is_static(x))
         self.dynamic_idx = tuple(i for i, x in enumerate(example_inputs)
                                  if isinstance(x, Tensor) and i not in self.static_idx)
+        self.dynamic_set = frozenset(self.dynamic_idx)
         self.touched: dict[tuple, tuple] = {}      # static-input addresses -> layer keys a call touches
         self.seen: set = set()
         self.failed: set = set()
@@ -219,7 +220,7 @@ class StepGraphs:
         finally:
             engine._TOUCHED = None
         self.touched[sig] = tuple(dict.fromkeys(touched))
-        self.out_meta[(sig, _meta(args, self.dynamic_idx))] = [_tmeta(t) for t in tree_flatten(out)[0]]
+        self.out_meta[(sig, _meta(args, self.dynamic_set))] = [_tmeta(t) for t in tree_flatten(out)[0]]
         return out
 
     def drop(self) -> None:
@@ -259,7 +260,7 @@ class StepGraphs:
         states = [_STATES.get(k) for k in keys]
         if any(s is None for s in states) or any(s.options.timing for s in states):
             return self._eager(args, sig)
-        key = (sig, _meta(args, self.dynamic_idx), _global_key(), tuple(_decision(s) for s in states))
+        key = (sig, _meta(args, self.dynamic_set), _global_key(), tuple(_decision(s) for s in states))
         entry = self.entries.get(key)
         if entry is not None:
             return self._replay(entry, args)
@@ -383,9 +384,8 @@ def _is_static(x: Any) -> bool:
     return get is not None and get(x) is not None
 
 
-def _meta(args: list, dynamic_idx: tuple) -> tuple:
-    dyn = set(dynamic_idx)
-    return tuple((tuple(a.shape), a.stride(), a.dtype) if i in dyn else
+def _meta(args: list, dynamic: frozenset) -> tuple:
+    return tuple((tuple(a.shape), a.stride(), a.dtype) if i in dynamic else
                  (None if isinstance(a, Tensor) else a) for i, a in enumerate(args))
 
 
