@@ -93,8 +93,17 @@ def backend_status() -> Optional[str]:
     return None
 
 
-# Swept keys that are run-time schedule options (``RuntimeOptions``); all others are policy arguments.
-SCHEDULE_KEYS = ("warmup", "interval", "last_dense", "taylor_order", "cache_cap_mb", "block_q", "block_kv")
+def _schedule_keys() -> tuple[str, ...]:
+    """Swept keys that are run-time options (``RuntimeOptions``: schedule, cache, ``sparse_updates``, ...);
+    all others are policy arguments."""
+    try:
+        from flashomni_compile.runtime.options import RuntimeOptions
+    except ImportError:
+        return ("warmup", "interval", "last_dense", "taylor_order", "cache_cap_mb", "block_q", "block_kv")
+    return tuple(k for k in RuntimeOptions.option_names() if k not in ("policy", "policy_args"))
+
+
+SCHEDULE_KEYS = _schedule_keys()
 
 
 def backend_options(policy: str, params: dict, total_steps: int) -> dict:

@@ -75,7 +75,8 @@ def _generations(compiled, kw: dict, gens: int, explicit: bool = False, between=
 
 
 def _stats():
-    return [(s.name, s.layers, s.updates, s.dispatches, s.q_density, s.kv_density) for s in site_stats()]
+    return [(s.name, s.layers, s.updates, s.dispatches, s.q_density, s.kv_density, s.sparse_updates)
+            for s in site_stats()]
 
 
 def _run(options: dict, gens: int, graphs_on: bool, explicit: bool = False, between=None):
@@ -91,9 +92,10 @@ def _run(options: dict, gens: int, graphs_on: bool, explicit: bool = False, betw
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["counted", "set_step"])
-@pytest.mark.parametrize("order", [0, 1, 2])
-def test_replays_equal_eager_over_generations(explicit, order):
-    opts = dict(SPARSE, taylor_order=order)
+@pytest.mark.parametrize("order,sparse_updates", [(0, False), (1, False), (2, False), (1, True)],
+                         ids=["order0", "order1", "order2", "order1-sparse-updates"])
+def test_replays_equal_eager_over_generations(explicit, order, sparse_updates):
+    opts = dict(SPARSE, taylor_order=order, sparse_updates=sparse_updates)
     ref, ref_stats, none = _run(opts, 3, graphs_on=False, explicit=explicit)
     assert none["captures"] == 0 and none["eager"] == 0, "no runner without cuda_graphs"
     with emulated_graphs():
@@ -110,6 +112,7 @@ def test_replays_equal_eager_over_generations(explicit, order):
     assert stats == ref_stats
     assert any(s[3] > 0 for s in stats), "dispatch steps ran"
     assert any(s[4] is not None and s[4] < 1.0 for s in stats), "the symbols were sparse"
+    assert any(s[6] > 0 for s in stats) == sparse_updates
 
 
 def test_replay_runs_no_python_of_the_engine(monkeypatch):

@@ -141,6 +141,65 @@ def test_update_dense_and_dispatch_reference(order, head_dim, text_first):
     assert seen_sparse, "the schedule/policy never produced sparse symbols: the test would prove nothing"
 
 
+@pytest.mark.parametrize("order", [0, 1])
+def test_sparse_updates(order):
+    """``sparse_updates``: scheduled refreshes after warm-up run attention on the kv-blocks in force with
+    every q-block computed (reference: the sparse semantics with no cached block); warm-up and
+    ``last_dense`` updates stay dense; the feature cache, the new symbols and GEMM-O are built from that
+    output, so dispatch steps extrapolate from the sparse update outputs."""
+    site = make_site(dict(SPARSE, taylor_order=order, sparse_updates=True))
+    L = Layer.random()
+    history, kinds, sparse_steps = [], [], []
+    for s in range(STEPS):
+        x = inputs(s)
+        st = engine._state(site, L.anchor)
+        br = st.branches[0] if st.branches else None
+        before = None if br is None or br.symbols is None else br.symbols.kv_keep.clone()
+        tr, ref = forward(site, L, x), dense_forward(L, x)
+        st, br = _state(site, L)
+        kinds.append(st.current.kind)
+        assert rel(tr.y, dense_forward_o(L, tr.a, True)) < TOL64          # GEMM-O: the projection of tr.a
+        if st.current.kind == "update":
+            if 2 <= s < STEPS - 1:       # scheduled refresh: warm-up is steps 0-1, last_dense step 9
+                assert not before.all(), "the symbols in force should skip kv-blocks for this test to bite"
+                count, index = kv_block_lists(before)
+                want, _ = sparse_attention_ref(ref.q, tr.k, tr.v, None, count, index, None, None, 64 ** -0.5, 32, 32)
+                assert rel(tr.out, want) < TOL64 and rel(tr.out, ref.out) > 1e-3
+                sparse_steps.append(s)
+            else:
+                assert torch.equal(tr.out, ref.out)
+            assert torch.equal(br.cache.terms[0], tr.out)
+            history.append((s, tr.out.clone()))
+            continue
+        sym = br.symbols
+        count, index = kv_block_lists(sym.kv_keep)
+        want, _ = sparse_attention_ref(ref.q, tr.k, tr.v, sym.q_keep, count, index, _taylor(history, s, order), None,
+                                       64 ** -0.5, 32, 32)
+        assert rel(tr.out, want) < TOL64
+    assert sparse_steps == [2, 5, 8] and kinds.count("update") == 6
+    (stats,) = engine_site_stats()
+    assert (stats.updates, stats.sparse_updates) == (6, 3)
+    assert "6 (3 sparse)" in __import__("flashomni_compile").stats_report()
+
+
+def test_sparse_updates_need_kv_skipping():
+    """A policy that never skips kv-blocks has no kv-blocks to run on: its updates stay dense."""
+    site = make_site(dict(SPARSE, policy="qcache", policy_args=dict(fraction=0.5), sparse_updates=True))
+    L = Layer.random()
+    for s in range(STEPS):
+        x = inputs(s)
+        tr, ref = forward(site, L, x), dense_forward(L, x)
+        if engine._state(site, L.anchor).current.kind == "update":
+            assert torch.equal(tr.out, ref.out)
+    (stats,) = engine_site_stats()
+    assert (stats.updates, stats.sparse_updates) == (6, 0)
+
+
+def engine_site_stats():
+    from flashomni_compile.runtime.stats import site_stats
+    return site_stats()
+
+
 def dense_forward_o(L, a, streams):
     T = L.text_len
     if streams:

@@ -19,7 +19,8 @@ Per layer and step the calls come as ``linear_q`` (0..n calls, one per stream) -
 ``linear_o`` (0..n calls). The controller (``controller.begin_pass``) fixes the pass's step and kind at
 its first call:
 
-* **update** (plan): ``linear_q`` dense; ``attention`` runs dense SDPA, pools Q/K per block, asks the
+* **update** (plan): ``linear_q`` dense; ``attention`` runs dense SDPA (with ``sparse_updates``, a
+  scheduled refresh runs the sparse kernel on the kv-block lists in force, every q-block computed), pools Q/K per block, asks the
   policy and the symbol hooks for new symbols, stores them in place with their kv-block lists, and
   refreshes the feature cache's Taylor terms; ``linear_o`` projects each Taylor term's cached heads
   once (``out_proj_cache``) and returns ``C0 + projection of the computed heads``, i.e. the dense result.
@@ -229,8 +230,8 @@ def attention(site: int, anchor: Tensor, q: Tensor, k: Tensor, v: Tensor,
         begin_pass(st, (q.shape[0], q.dtype, q.device))
     p = st.current
     if p.kind == UPDATE:
-        out = _attention_update(st, p.branch, p.step, p.total, q, k, v, key_padding_mask, scale)
-        _stat(st, "count_update")
+        out, sparse = _attention_update(st, p.branch, p.step, p.total, q, k, v, key_padding_mask, scale)
+        _stat(st, "count_update", sparse)
     else:
         out = _attention_dispatch(st, p.branch, p.step, q, k, v, key_padding_mask, scale)
         _stat(st, "count_dispatch", p.branch is st.branches[0])
@@ -289,18 +290,35 @@ def _cache_bytes(st: LayerState) -> int:
     return sum(b.cache.nbytes() for b in st.branches if b.cache is not None)
 
 
+def _sparse_update(st: LayerState, br: BranchState, step: int, total: Optional[int]) -> bool:
+    """Whether this update's attention runs on the kv-blocks in force (option ``sparse_updates``): only
+    for scheduled refreshes (not warm-up, not the ``last_dense`` steps) of a branch that skips kv-blocks
+    and has symbols from an earlier update of this generation."""
+    opts = st.options
+    if not opts.sparse_updates or not br.kv_sparse or br.symbols is None or br.last_update is None:
+        return False
+    return step >= opts.warmup and (total is None or step < total - opts.last_dense)
+
+
 def _attention_update(st: LayerState, br: BranchState, step: int, total: Optional[int], q: Tensor, k: Tensor,
-                      v: Tensor, key_padding_mask: Optional[Tensor], scale: float) -> Tensor:
+                      v: Tensor, key_padding_mask: Optional[Tensor], scale: float) -> tuple[Tensor, bool]:
+    """The update step's attention output and whether it ran sparse (``_sparse_update``); refreshes the
+    branch's symbols, kv-block lists and feature cache."""
     opts, spec = st.options, st.spec
-    out = _dense_attention(q, k, v, key_padding_mask, scale)
     B, H, Nq, D = q.shape
     Nkv = k.shape[2]
     bq, bkv = opts.block_q, opts.block_kv
-    pq, pk, scores = pooled_scores(q, k, key_padding_mask, scale, bq, bkv)
-
     signature = (B, q.dtype, q.device)
     if br.signature != signature or br.symbols is None or br.symbols.seq_q != Nq or br.symbols.seq_kv != Nkv:
         br.symbols, br.cache, br.last_update = None, None, None
+    sparse = _sparse_update(st, br, step, total)
+    if sparse:
+        # every q-block computed, on the kv-block lists of the symbols in force (rebuilt below, after use)
+        out, _ = sparse_attention_op(q, k, v, None, br.kv_count, br.kv_index, None, key_padding_mask, float(scale),
+                                     br.symbols.block_q, br.symbols.block_kv, None, None, 0.0)
+    else:
+        out = _dense_attention(q, k, v, key_padding_mask, scale)
+    pq, pk, scores = pooled_scores(q, k, key_padding_mask, scale, bq, bkv)
     hooks = symbol_hooks(opts.symbol_hook)
     caches_q = bool(getattr(st.policy, "caches_q", True)) or bool(hooks)
     skips_kv = bool(getattr(st.policy, "skips_kv", True)) or bool(hooks)
@@ -358,7 +376,7 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
         _stat(st, "record_update", br.symbols.q_density(), br.symbols.kv_density())
         st.stats.cache_order = -1 if br.cache is None else br.cache.active_order
     st.stats.cache_bytes = _cache_bytes(st)
-    return out
+    return out, sparse
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -52,6 +52,11 @@ class RuntimeOptions:
         last_dense: number of last steps that are update steps; needs the total (``total_steps`` or
             ``set_step(i, total)``). Default 1.
         total_steps: the number of denoising steps when known up front (``set_step`` may also give it).
+        sparse_updates: scheduled update steps after warm-up (not the warm-up steps, not the
+            ``last_dense`` ones) compute their attention with the kv-blocks of the symbols in force,
+            every q-block computed, instead of dense: the update then costs what a dispatch step with
+            nothing cached costs. The feature cache and the new symbols come from that output. Default
+            False (the update step's output is exact; see docs/policies.md for the quality measured).
         taylor_order: feature-cache extrapolation order 0 (reuse), 1 or 2 (TaylorSeer). Default 1.
         cache_cap_mb: cap on the feature cache + GEMM-O cache of one layer, in MiB; over the cap the
             order is lowered, and below order 0 the layer does not cache (q-blocks all computed).
@@ -84,6 +89,7 @@ class RuntimeOptions:
     interval: int = 3
     last_dense: int = 1
     total_steps: Optional[int] = None
+    sparse_updates: bool = False
     taylor_order: int = 1
     cache_cap_mb: Optional[float] = None
     cache_min_free: Optional[float] = 0.1
@@ -118,6 +124,8 @@ class RuntimeOptions:
         _int_option("interval", self.interval, 1)
         _int_option("last_dense", self.last_dense, 0)
         _int_option("total_steps", self.total_steps, 1, allow_none=True)
+        if not isinstance(self.sparse_updates, bool):
+            raise ValueError(f"flashomni option 'sparse_updates' must be True or False, got {self.sparse_updates!r}")
         if isinstance(self.taylor_order, bool) or self.taylor_order not in TAYLOR_ORDERS:
             raise ValueError(f"flashomni option 'taylor_order'={self.taylor_order!r} is not valid; "
                              f"valid: {', '.join(map(str, TAYLOR_ORDERS))}")

@@ -33,6 +33,7 @@ class LayerStats:
     anchor_ptr: int
     updates: int = 0
     dispatches: int = 0
+    sparse_updates: int = 0                  # updates whose attention skipped kv-blocks (sparse_updates)
     update_s: float = 0.0
     dispatch_s: float = 0.0
     # one [q_density, kv_density, dispatches served] entry per update of branch 0, the last update's last
@@ -44,8 +45,10 @@ class LayerStats:
     replayed_updates: int = 0
     replayed_dispatches: int = 0
 
-    def count_update(self, replayed: bool = False) -> None:
+    def count_update(self, sparse: bool = False, replayed: bool = False) -> None:
+        """One update pass; ``sparse``: its attention ran on the kv-blocks in force (``sparse_updates``)."""
         self.updates += 1
+        self.sparse_updates += sparse
         self.replayed_updates += replayed
 
     def count_dispatch(self, primary: bool, replayed: bool = False) -> None:
@@ -102,6 +105,7 @@ class SiteStats:
     layers: int
     updates: int
     dispatches: int
+    sparse_updates: int              # of ``updates``: those whose attention skipped kv-blocks (sparse_updates)
     q_density: Optional[float]       # fraction of (q-block, head) pairs computed: mean over layers and dispatch steps
     kv_density: Optional[float]      # fraction of (query, key) pairs computed (cached q-blocks count 0): same mean
     cache_mib: float                 # feature cache + GEMM-O cache, all layers
@@ -123,6 +127,7 @@ def site_stats() -> list[SiteStats]:
         up, di = sum(s.updates for s in ls), sum(s.dispatches for s in ls)
         out.append(SiteStats(
             name=ls[0].site_name, site=site, layers=len(ls), updates=up, dispatches=di,
+            sparse_updates=sum(s.sparse_updates for s in ls),
             q_density=sum(qd) / len(qd) if qd else None, kv_density=sum(kd) / len(kd) if kd else None,
             cache_mib=sum(s.cache_bytes for s in ls) / 2**20,
             ms_per_update=_per_call(sum(s.update_s for s in ls), up - sum(s.replayed_updates for s in ls)),
@@ -143,7 +148,8 @@ def stats_report() -> str:
     rows = site_stats()
     head = ("site", "layers", "updates", "dispatches", "q-density", "kv-density", "cache MiB", "ms/update",
             "ms/dispatch")
-    body = [(s.name, str(s.layers), str(s.updates), str(s.dispatches), _f(s.q_density, ".3f"),
+    body = [(s.name, str(s.layers), f"{s.updates} ({s.sparse_updates} sparse)" if s.sparse_updates else str(s.updates),
+             str(s.dispatches), _f(s.q_density, ".3f"),
              _f(s.kv_density, ".3f"), _f(s.cache_mib, ".1f"), _f(s.ms_per_update, ".2f"),
              _f(s.ms_per_dispatch, ".2f")) for s in rows]
     if not body:
