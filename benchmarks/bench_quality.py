@@ -277,27 +277,35 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
 
 
 def pareto_plot(records: list[dict], path: Path) -> None:
-    """Speed (x) against PSNR (y) per model; one colour per implementation/policy in every panel."""
+    """Speed (x) against PSNR (y) per model; one colour per implementation/policy in every panel, each
+    colour's Pareto front joined and labelled with its parameters."""
     plt = viz.pyplot()
     if plt is None:
         return
+    def label(r: dict) -> str:
+        if r["impl"] != "flashomni":
+            return r["impl"]
+        return f"flashomni {r['policy']}" + (" + sparse_updates" if r.get("params", {}).get("sparse_updates") else "")
+
     models = list(dict.fromkeys(r["model"] for r in records))
-    labels = list(dict.fromkeys(r["impl"] if r["impl"] != "flashomni" else f"flashomni {r['policy']}"
-                                for r in records if r.get("speedup") is not None))
+    labels = list(dict.fromkeys(label(r) for r in records if r.get("speedup") is not None))
     colours = {lbl: plt.get_cmap("tab10")(i % 10) for i, lbl in enumerate(labels)}
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
         rows = [r for r in records if r["model"] == m and r.get("speedup") is not None]
         for lbl in labels:
-            grp = sorted((r for r in rows if (r["impl"] if r["impl"] != "flashomni"
-                                              else f"flashomni {r['policy']}") == lbl), key=lambda r: r["speedup"])
+            grp = sorted((r for r in rows if label(r) == lbl), key=lambda r: r["speedup"])
             if not grp:
                 continue
             psnrs = [min(r["psnr"], 60.0) for r in grp]
-            ax.plot([r["speedup"] for r in grp], psnrs, "o-", ms=5, color=colours[lbl], label=lbl)
-            for r, y in zip(grp, psnrs):
+            ax.plot([r["speedup"] for r in grp], psnrs, "o", ms=5, color=colours[lbl], label=lbl)
+            # the group's Pareto front (no other point both faster and better), joined and annotated
+            front = [i for i, r in enumerate(grp)
+                     if not any(o["speedup"] > r["speedup"] and min(o["psnr"], 60.0) > psnrs[i] for o in grp)]
+            ax.plot([grp[i]["speedup"] for i in front], [psnrs[i] for i in front], "-", color=colours[lbl])
+            for r, y in ((grp[i], psnrs[i]) for i in front):
                 if r["impl"] == "flashomni":
-                    text = ",".join(f"{k}={v}" for k, v in r["params"].items()) or "defaults"
+                    text = ",".join(f"{k}={v}" for k, v in r["params"].items() if k != "sparse_updates") or "defaults"
                     ax.annotate(text, (r["speedup"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(30, color="gray", ls=":", lw=1)
         ax.axvline(1, color="gray", ls=":", lw=1)
