@@ -31,7 +31,7 @@ def _ctx(spec=None, step=0, total=None, out=None, prev_out=None, scores=None, se
     return PolicyContext(spec=spec, step=step, total=total, block_q=BLK, block_kv=BLK, pooled_q=pq, pooled_k=pk,
                          scores=sc if scores is None else scores,
                          out=torch.randn(batch, 2, spec.seq_q, 64, generator=g) if out is None else out,
-                         seq_q=spec.seq_q, seq_kv=spec.seq_kv, prev_out=prev_out)
+                         seq_kv=spec.seq_kv, prev_out=prev_out)
 
 
 def _diag():
@@ -294,23 +294,3 @@ def test_change_one_pass_equals_formula_and_diff_is_shared(dtype):
     assert ctx.output_diff().dtype == acc
     torch.testing.assert_close(ctx.output_diff(), out.to(acc) - prev.to(acc), rtol=0, atol=0)
     assert _ctx(out=out).change() is None and _ctx(out=out).output_diff() is None
-
-
-@pytest.mark.parametrize("policy", [PooledQKPolicy(tau_kv=0.3), FlashOmniPolicy(tau_kv=(0.3, 0.6)),
-                                    LayerCachePolicy(inner=PooledQKPolicy(tau_kv=0.3))], ids=type)
-def test_update_kv_keep_is_the_kv_keep_of_call(policy):
-    """``update_kv_keep`` (sparse update steps: before the attention, ``out`` None) gives the kv_keep that
-    ``__call__`` returns on the same pooled fields, at every step of a ramp."""
-    for step in (0, 5, 9):
-        ctx = _ctx(step=step, total=10, prev_out=torch.randn(1, 2, N, 64))
-        early = dataclasses.replace(ctx, out=None, prev_out=None)
-        kv = policy.update_kv_keep(early)
-        assert kv.dtype == torch.bool and kv.shape == ctx.scores.shape
-        assert torch.equal(kv, policy(ctx).kv_keep)
-        assert not kv.all(), "the policy should skip kv-blocks for this test to bite"
-
-
-def test_update_kv_keep_only_where_the_kv_keep_needs_no_output():
-    assert not hasattr(QCachePolicy(), "update_kv_keep")
-    assert not hasattr(LayerCachePolicy(), "update_kv_keep")          # inner qcache
-    assert hasattr(LayerCachePolicy(inner=PooledQKPolicy()), "update_kv_keep")

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.ops import sparse_attention_op, sparse_linear_o_op, sparse_linear_q_op
-from ..symbols import SparseSymbols, kv_block_lists, validate_symbols
+from ..symbols import SparseSymbols, validate_symbols
 from .cache import FeatureCache, order_within_cap
 from .controller import begin_pass
 from .hooks import _HOOKS, apply_symbol_hooks, symbol_hooks
@@ -311,29 +311,15 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
     signature = (B, q.dtype, q.device)
     if br.signature != signature or br.symbols is None or br.symbols.seq_q != Nq or br.symbols.seq_kv != Nkv:
         br.symbols, br.cache, br.last_update = None, None, None
-    pq, pk, scores = pooled_scores(q, k, key_padding_mask, scale, bq, bkv)
-    hooks = symbol_hooks(opts.symbol_hook)
     sparse = _sparse_update(st, br, step, total)
     if sparse:
-        # every q-block computed, on this step's kv-blocks when the policy can give them before the
-        # attention (and no hook edits them afterwards), else on the lists in force (rebuilt below, after use)
-        fresh = None if hooks else getattr(st.policy, "update_kv_keep", None)
-        if fresh is not None:
-            ctx0 = PolicyContext(spec=spec, step=step, total=total, block_q=bq, block_kv=bkv, pooled_q=pq,
-                                 pooled_k=pk, scores=scores, out=None, seq_q=Nq, seq_kv=Nkv,
-                                 steps_since_update=step - br.last_update, prev_symbols=br.symbols)
-            kv = fresh(ctx0)
-            if not isinstance(kv, Tensor) or kv.dtype != torch.bool or kv.shape != scores.shape \
-                    or kv.device != scores.device:
-                raise ValueError(f"policy {type(st.policy).__name__}.update_kv_keep on site {spec.name!r} returned "
-                                 f"{_what(kv)}; need a bool tensor of shape {tuple(scores.shape)} on {scores.device}")
-            count, index = kv_block_lists(kv)
-        else:
-            count, index = br.kv_count, br.kv_index
-        out, _ = sparse_attention_op(q, k, v, None, count, index, None, key_padding_mask, float(scale), bq, bkv,
-                                     None, None, 0.0)
+        # every q-block computed, on the kv-block lists of the symbols in force (rebuilt below, after use)
+        out, _ = sparse_attention_op(q, k, v, None, br.kv_count, br.kv_index, None, key_padding_mask, float(scale),
+                                     br.symbols.block_q, br.symbols.block_kv, None, None, 0.0)
     else:
         out = _dense_attention(q, k, v, key_padding_mask, scale)
+    pq, pk, scores = pooled_scores(q, k, key_padding_mask, scale, bq, bkv)
+    hooks = symbol_hooks(opts.symbol_hook)
     caches_q = bool(getattr(st.policy, "caches_q", True)) or bool(hooks)
     skips_kv = bool(getattr(st.policy, "skips_kv", True)) or bool(hooks)
 
@@ -359,7 +345,7 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
 
     prev_out = br.cache.terms[0] if (br.cache is not None and br.cache.updates > 0) else None
     ctx = PolicyContext(spec=spec, step=step, total=total, block_q=bq, block_kv=bkv, pooled_q=pq, pooled_k=pk,
-                        scores=scores, out=out, seq_q=Nq, seq_kv=Nkv, prev_out=prev_out,
+                        scores=scores, out=out, seq_kv=Nkv, prev_out=prev_out,
                         steps_since_update=None if br.last_update is None else step - br.last_update,
                         prev_symbols=br.symbols)
     sym = st.policy(ctx)
@@ -396,12 +382,6 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
 # ---------------------------------------------------------------------------------------------------
 # Dispatch step (run): no host sync, no data-dependent allocation
 # ---------------------------------------------------------------------------------------------------
-def _what(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"a {str(x.dtype).replace('torch.', '')} tensor of shape {tuple(x.shape)} on {x.device}"
-    return f"a {type(x).__name__}"
-
-
 def _attention_dispatch(st: LayerState, br: BranchState, step: int, q: Tensor, k: Tensor, v: Tensor,
                         key_padding_mask: Optional[Tensor], scale: float) -> Tensor:
     if not br.q_sparse and not br.kv_sparse:

@@ -24,12 +24,6 @@ Built-ins (``get_policy(name, **kwargs)``; ``policy_names()`` lists them):
 Two optional host-side attributes tell the engine which kernels it needs: ``caches_q`` (the policy may
 set ``q_keep`` to False: feature cache, sparse GEMM-Q/GEMM-O) and ``skips_kv`` (it may set ``kv_keep``
 to False). A policy without them is assumed to do both.
-
-One optional method serves sparse update steps (``sparse_updates``): ``update_kv_keep(ctx) -> Tensor``,
-the ``kv_keep [B,H,NQB,NKB]`` the update's own attention runs on, from this step's pooled fields
-(``ctx.out`` and ``ctx.prev_out`` are None: it runs before the attention). It must give the kv_keep that
-``__call__`` returns on the same pooled fields. Without it (or with symbol hooks registered, which edit
-symbols after the policy) the update runs on the symbols in force.
 """
 
 from __future__ import annotations
@@ -162,9 +156,7 @@ class PolicyContext:
         block_q, block_kv: symbol block sizes.
         pooled_q ``[B,H,NQB,D]``, pooled_k ``[B,H,NKB,D]``: block means (float32).
         scores ``[B,H,NQB,NKB]``: row softmax of the pooled logits (float32).
-        out ``[B,H,Nq,D]``: this update's attention output (dense; with ``sparse_updates``, computed on
-            kv-blocks); None in ``update_kv_keep`` (the kv phase of a sparse update, before attention).
-        seq_q, seq_kv: ``Nq``, ``Nkv``.
+        out ``[B,H,Nq,D]``: this update's dense attention output; seq_kv: ``Nkv``.
         prev_out ``[B,H,Nq,D]`` or None: the previous update's output (None at a layer's first update
             or when the layer keeps no feature cache).
         steps_since_update: steps since the previous update (None at the first).
@@ -179,8 +171,7 @@ class PolicyContext:
     pooled_q: Tensor
     pooled_k: Tensor
     scores: Tensor
-    out: Optional[Tensor]
-    seq_q: int
+    out: Tensor
     seq_kv: int
     prev_out: Optional[Tensor] = None
     steps_since_update: Optional[int] = None
@@ -191,15 +182,19 @@ class PolicyContext:
 
     @property
     def batch(self) -> int:
-        return self.scores.shape[0]
+        return self.out.shape[0]
 
     @property
     def heads(self) -> int:
-        return self.scores.shape[1]
+        return self.out.shape[1]
+
+    @property
+    def seq_q(self) -> int:
+        return self.out.shape[2]
 
     @property
     def device(self) -> torch.device:
-        return self.scores.device
+        return self.out.device
 
     @property
     def joint(self) -> bool:
@@ -337,12 +332,9 @@ class PooledQKPolicy:
             keep = keep | ctx.diagonal()
         return keep
 
-    def update_kv_keep(self, ctx: PolicyContext) -> Tensor:
-        return self.kv_keep(ctx, self.tau_kv)
-
     def __call__(self, ctx: PolicyContext) -> SparseSymbols:
         q_keep = torch.ones(ctx.scores.shape[:3], dtype=torch.bool, device=ctx.device)
-        return ctx.symbols(q_keep, self.update_kv_keep(ctx))
+        return ctx.symbols(q_keep, self.kv_keep(ctx, self.tau_kv))
 
 
 @dataclass(frozen=True)
@@ -443,12 +435,6 @@ class LayerCachePolicy:
     def skips_kv(self) -> bool:
         return getattr(self.inner, "skips_kv", True)
 
-    def __getattr__(self, name: str) -> Any:
-        # ``update_kv_keep`` exactly when the inner policy has it (layer granularity leaves kv_keep alone)
-        if name == "update_kv_keep" and self.inner is not None and hasattr(self.inner, name):
-            return self.inner.update_kv_keep
-        raise AttributeError(name)
-
     def __call__(self, ctx: PolicyContext) -> SparseSymbols:
         s = self.inner(ctx)
         return ctx.symbols(layer_granularity(s.q_keep, self.threshold), s.kv_keep)
@@ -492,12 +478,9 @@ class FlashOmniPolicy:
     def skips_kv(self) -> bool:
         return max(_pair(self.tau_kv)) > 0
 
-    def update_kv_keep(self, ctx: PolicyContext) -> Tensor:
-        return PooledQKPolicy(keep_diagonal=self.keep_diagonal).kv_keep(ctx, _ramp(self.tau_kv, ctx.progress(self.ramp_steps)))
-
     def __call__(self, ctx: PolicyContext) -> SparseSymbols:
         prog = ctx.progress(self.ramp_steps)
-        kv_keep = self.update_kv_keep(ctx)
+        kv_keep = PooledQKPolicy(keep_diagonal=self.keep_diagonal).kv_keep(ctx, _ramp(self.tau_kv, prog))
         qc = QCachePolicy(0.0, self.cache_threshold, self.text_guidance)
         q_keep = qc.q_keep(ctx, _ramp(self.cache_fraction, prog))
         if ctx.prev_out is not None:   # layer granularity needs a change measure, like qcache
