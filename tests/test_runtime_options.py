@@ -129,6 +129,15 @@ def test_step_callback_follows_pipeline():
 # ---------------------------------------------------------------------------------------------------
 # docs/policies.md examples
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("doc", ["policies.md", "options.md"])
+def test_every_option_has_a_row_in_the_docs(doc):
+    """Each ``RuntimeOptions`` field is a row (`` | `name` | ``) of the doc's option table."""
+    text = (DOCS.parent / doc).read_text()
+    rows = {n for cell in re.findall(r"^\| (`[^|]*`) \|", text, flags=re.M) for n in re.findall(r"`([a-z_]+)`", cell)}
+    missing = [n for n in RuntimeOptions.option_names() if n not in rows]
+    assert not missing, f"docs/{doc} has no row for {missing}"
+
+
 def test_docs_examples_run():
     from flashomni_compile.runtime.stats import site_stats
 
