@@ -54,6 +54,10 @@ DENSE_MAX_REL_L2 = {torch.bfloat16: 5e-2, torch.float32: 1e-3}
 # Policy grammar
 # --------------------------------------------------------------------------------------------------
 def _value(text: str):
+    """int, float, true/false/none, ``a/b`` (a ``(start, end)`` ramp, e.g. ``cache_fraction=0.2/0.9``), else
+    the string."""
+    if "/" in text:
+        return tuple(_value(t) for t in text.split("/"))
     for cast in (int, float):
         try:
             return cast(text)
@@ -63,7 +67,8 @@ def _value(text: str):
 
 
 def parse_policy(spec: str) -> list[tuple[str, dict]]:
-    """``"name[:key=v1,v2[:key2=w1,w2]]"`` -> ``[(name, {key: v, key2: w}), ...]`` over the cartesian grid.
+    """``"name[:key=v1,v2[:key2=w1,w2]]"`` -> ``[(name, {key: v, key2: w}), ...]`` over the cartesian grid;
+    a value ``a/b`` is a ramp ``(a, b)`` (FlashOmniPolicy's ``tau_kv``, ``cache_fraction``).
 
     >>> parse_policy("pooled_qk:tau_kv=0.1,0.2")
     [('pooled_qk', {'tau_kv': 0.1}), ('pooled_qk', {'tau_kv': 0.2})]

@@ -219,8 +219,15 @@ def test_bench_policy_grammar():
     assert bench.parse_policy("dense") == [("dense", {})]
     assert bench.parse_policy("pooled_qk:tau_kv=0.1,0.2:interval=3") == [
         ("pooled_qk", {"tau_kv": 0.1, "interval": 3}), ("pooled_qk", {"tau_kv": 0.2, "interval": 3})]
+    assert bench.parse_policy("flashomni:cache_fraction=0.2/0.9,0.5:sparse_updates=true") == [
+        ("flashomni", {"cache_fraction": (0.2, 0.9), "sparse_updates": True}),
+        ("flashomni", {"cache_fraction": 0.5, "sparse_updates": True})]
     with pytest.raises(ValueError, match="key=v1,v2"):
         bench.parse_policy("pooled_qk:tau_kv")
     opts = bench.backend_options("pooled_qk", {"tau_kv": 0.1, "interval": 3}, 20)
     assert opts == {"policy": "pooled_qk", "total_steps": 20, "interval": 3, "policy_args": {"tau_kv": 0.1}}
     assert bench.backend_options("dense", {}, 20) == {"policy": "dense"}
+    # every run-time option goes to the options, not to policy_args (sparse_updates was missed once)
+    opts = bench.backend_options("flashomni", {"cache_fraction": (0.2, 0.9), "sparse_updates": True}, 20)
+    assert opts == {"policy": "flashomni", "total_steps": 20, "sparse_updates": True,
+                    "policy_args": {"cache_fraction": (0.2, 0.9)}}
