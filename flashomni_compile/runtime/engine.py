@@ -21,9 +21,10 @@ its first call:
 
 * **update** (plan): ``linear_q`` dense; ``attention`` runs dense SDPA (with ``sparse_updates``, a
   scheduled refresh runs the sparse kernel on the kv-block lists in force, every q-block computed),
-  pools Q/K per block, asks the policy and the symbol hooks for new symbols, stores them in place with their kv-block lists, and
-  refreshes the feature cache's Taylor terms; ``linear_o`` projects each Taylor term's cached heads
-  once (``out_proj_cache``) and returns ``C0 + projection of the computed heads``, i.e. the dense result.
+  pools Q/K per block, asks the policy and the symbol hooks for new symbols, stores them in place with
+  their kv-block lists, and refreshes the feature cache's Taylor terms; ``linear_o`` projects each Taylor
+  term's cached heads once (``out_proj_cache``) and returns ``C0 + projection of the computed heads``,
+  i.e. the dense projection of the attention output.
 * **dispatch** (run): ``linear_q`` computes only the kept (q-block, head) tiles; ``attention`` runs the
   sparse kernel on the stored lists, cached q-blocks taking ``cache(t)`` (the kernel evaluates the
   Taylor series from the cache's terms, for the cached rows only); ``linear_o`` reduces over the computed heads only, on top of
