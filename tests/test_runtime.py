@@ -141,21 +141,26 @@ def test_update_dense_and_dispatch_reference(order, head_dim, text_first):
     assert seen_sparse, "the schedule/policy never produced sparse symbols: the test would prove nothing"
 
 
-@pytest.mark.parametrize("order", [0, 1])
-def test_sparse_updates(order):
+@pytest.mark.parametrize("order,padded", [(0, False), (1, False), (1, True)], ids=["order0", "order1", "order1-kpm"])
+def test_sparse_updates(order, padded):
     """``sparse_updates``: scheduled refreshes after warm-up run attention on the kv-blocks in force with
     every q-block computed (reference: the sparse semantics with no cached block); warm-up and
     ``last_dense`` updates stay dense; the feature cache, the new symbols and GEMM-O are built from that
-    output, so dispatch steps extrapolate from the sparse update outputs."""
+    output, so dispatch steps extrapolate from the sparse update outputs. ``padded``: with a key padding
+    mask (HunyuanVideo's padded text), which the sparse update must apply too."""
     site = make_site(dict(SPARSE, taylor_order=order, sparse_updates=True))
     L = Layer.random()
+    kpm = None
+    if padded:
+        kpm = torch.ones(1, 200, dtype=torch.bool)
+        kpm[:, 25:40] = False                         # the text tail (text is tokens 0..39) is padding
     history, kinds, sparse_steps = [], [], []
     for s in range(STEPS):
         x = inputs(s)
         st = engine._state(site, L.anchor)
         br = st.branches[0] if st.branches else None
         before = None if br is None or br.symbols is None else br.symbols.kv_keep.clone()
-        tr, ref = forward(site, L, x), dense_forward(L, x)
+        tr, ref = forward(site, L, x, kpm=kpm), dense_forward(L, x, kpm)
         st, br = _state(site, L)
         kinds.append(st.current.kind)
         assert rel(tr.y, dense_forward_o(L, tr.a, True)) < TOL64          # GEMM-O: the projection of tr.a
@@ -163,7 +168,7 @@ def test_sparse_updates(order):
             if 2 <= s < STEPS - 1:       # scheduled refresh: warm-up is steps 0-1, last_dense step 9
                 assert not before.all(), "the symbols in force should skip kv-blocks for this test to bite"
                 count, index = kv_block_lists(before)
-                want, _ = sparse_attention_ref(ref.q, tr.k, tr.v, None, count, index, None, None, 64 ** -0.5, 32, 32)
+                want, _ = sparse_attention_ref(ref.q, tr.k, tr.v, None, count, index, None, kpm, 64 ** -0.5, 32, 32)
                 assert rel(tr.out, want) < TOL64 and rel(tr.out, ref.out) > 1e-3
                 sparse_steps.append(s)
             else:
@@ -173,7 +178,7 @@ def test_sparse_updates(order):
             continue
         sym = br.symbols
         count, index = kv_block_lists(sym.kv_keep)
-        want, _ = sparse_attention_ref(ref.q, tr.k, tr.v, sym.q_keep, count, index, _taylor(history, s, order), None,
+        want, _ = sparse_attention_ref(ref.q, tr.k, tr.v, sym.q_keep, count, index, _taylor(history, s, order), kpm,
                                        64 ** -0.5, 32, 32)
         assert rel(tr.out, want) < TOL64
     assert sparse_steps == [2, 5, 8] and kinds.count("update") == 6
