@@ -44,7 +44,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from .._capture import capture_scope
 from . import engine
@@ -371,7 +371,7 @@ class StepGraphs:
                 stats.record_update(*(t.clone() for t in a))
             else:
                 getattr(stats, name)(*a, replayed=True)
-        return _clone(entry.outputs)
+        return tree_map_only(Tensor, torch.clone, entry.outputs)   # the static buffers stay the graph's
 
 
 def _is_static(x: Any) -> bool:
@@ -395,9 +395,3 @@ def _tmeta(t: Any) -> Optional[tuple]:
     return (tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
-def _clone(out: Any) -> Any:
-    if isinstance(out, Tensor):
-        return out.clone()
-    if isinstance(out, (list, tuple)):
-        return type(out)(_clone(o) for o in out)
-    return out
