@@ -16,6 +16,7 @@ import torch
 
 import _dit_models as M
 from _backend_util import reset_dynamo  # noqa: F401  (autouse fixture)
+from _runtime_util import fresh_runtime  # noqa: F401  (autouse: no state, step or hooks)
 from _graph_emulation import emulated_graphs
 from flashomni_compile.config import FlashOmniConfig
 from flashomni_compile.runtime import engine, graphs
@@ -39,15 +40,6 @@ def _flux():
     g = torch.Generator().manual_seed(5)
     kw = dict(kw, hidden_states=torch.randn(1, side * side, 4, generator=g), img_ids=img_ids)
     return model, kw
-
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    engine.reset()
-    clear_step()
-    yield
-    engine.reset()
-    clear_step()
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
