@@ -26,8 +26,10 @@ from _runtime_util import Layer, dense_forward, forward, fresh_runtime, inputs, 
 
 TOL64 = 1e-10
 STEPS = 10
-# An aggressive schedule and policy so that dispatch steps really skip and cache.
-SPARSE = dict(block_q=32, block_kv=32, warmup=2, interval=3, last_dense=1, total_steps=STEPS,
+# An aggressive schedule and policy so that dispatch steps really skip and cache. Update steps dense
+# (``sparse_updates=False``, not the default) so that they can be checked against plain SDPA; the sparse
+# update steps have their own tests below.
+SPARSE = dict(block_q=32, block_kv=32, warmup=2, interval=3, last_dense=1, total_steps=STEPS, sparse_updates=False,
               policy="flashomni", policy_args=dict(tau_kv=0.3, cache_fraction=0.5, layer_threshold=0.0))
 
 

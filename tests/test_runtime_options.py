@@ -150,3 +150,38 @@ def test_docs_examples_run():
     assert 0.34375 in stats          # the band hook: 22 of 64 block pairs
     assert 0.25 in stats             # the topk policy: 2 of 8 kv-blocks per row
     assert all(s.dispatches == 2 for s in site_stats())
+
+
+def _literal(cell: str):
+    """The Python value of a doc cell holding one backticked literal (``None``/``2**34``/``(0.02, 0.05)``...)."""
+    import ast
+    return eval(compile(ast.parse(cell, mode="eval"), "<doc>", "eval"), {"__builtins__": {}})
+
+
+def test_documented_option_defaults_match_the_code():
+    """docs/options.md's default column equals ``RuntimeOptions()`` for every option whose cell is one literal."""
+    text = (DOCS.parent / "options.md").read_text()
+    defaults, checked = RuntimeOptions(), []
+    for name_cell, value in re.findall(r"^\| (`[a-z_]+`(?:, `[a-z_]+`)*) \| `([^`|]+)` \|", text, flags=re.M):
+        for name in re.findall(r"`([a-z_]+)`", name_cell):
+            if name in RuntimeOptions.option_names():
+                want = getattr(defaults, name)
+                got = _literal(value)
+                assert got == want or (want == {} and got == {}), f"docs/options.md: {name} default {value}, code {want!r}"
+                checked.append(name)
+    assert {"sparse_updates", "warmup", "interval", "taylor_order", "sparse_gemm_min_macs"} <= set(checked)
+
+
+def test_documented_policy_defaults_match_the_code():
+    """docs/policies.md's policy table lists each policy's dataclass defaults (``name=value`` cells)."""
+    from flashomni_compile.runtime.policies import get_policy
+
+    text = DOCS.read_text()
+    rows = re.findall(r"^\| `([a-z_]+)` \| `([A-Za-z]+Policy)` \| (.*?) \|", text, flags=re.M)
+    assert {r[0] for r in rows} >= {"pooled_qk", "qcache", "flashomni", "window"}
+    for name, _cls, cell in rows:
+        pol = get_policy(name)
+        for key, value in re.findall(r"`([a-z_0-9]+)=([^`]+)`", cell):
+            if "(" in value and not value.startswith("("):
+                continue                              # a constructor call, e.g. inner=QCachePolicy()
+            assert _literal(value) == getattr(pol, key), f"docs/policies.md: {name}.{key}={value}, code {getattr(pol, key)!r}"

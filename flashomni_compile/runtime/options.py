@@ -56,7 +56,8 @@ class RuntimeOptions:
             ``last_dense`` ones) compute their attention with the kv-blocks of the symbols in force,
             every q-block computed, instead of dense: the update then costs what a dispatch step with
             nothing cached costs. The feature cache and the new symbols come from that output. Default
-            False (the update step's output is exact; see docs/policies.md for the quality measured).
+            True (measured on the trained tinydit models: docs/quality.md); False keeps every update
+            step's attention exact (dense).
         taylor_order: feature-cache extrapolation order 0 (reuse), 1 or 2 (TaylorSeer). Default 1.
         cache_cap_mb: cap on the feature cache + GEMM-O cache of one layer, in MiB; over the cap the
             order is lowered, and below order 0 the layer does not cache (q-blocks all computed).
@@ -89,7 +90,7 @@ class RuntimeOptions:
     interval: int = 3
     last_dense: int = 1
     total_steps: Optional[int] = None
-    sparse_updates: bool = False
+    sparse_updates: bool = True
     taylor_order: int = 1
     cache_cap_mb: Optional[float] = None
     cache_min_free: Optional[float] = 0.1
