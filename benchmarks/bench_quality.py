@@ -124,6 +124,23 @@ def backend_options(policy: str, params: dict, total_steps: int) -> dict:
     return opts
 
 
+def effective_sparse_updates(policy: str, params: dict, total_steps: int) -> bool:
+    """Whether a flashomni point ran with sparse update steps: the option (its own value or the default of
+    the code that ran: recorded, since the default changed in session 5) and a policy that skips kv-blocks."""
+    from flashomni_compile.runtime.options import RuntimeOptions
+    from flashomni_compile.runtime.policies import get_policy
+
+    o = RuntimeOptions.from_dict(backend_options(policy, params, total_steps))
+    pol = get_policy(o.policy, **o.policy_args) if isinstance(o.policy, str) else o.policy
+    return bool(o.sparse_updates and getattr(pol, "skips_kv", True))
+
+
+def _sparse_updates_of(r: dict) -> bool:
+    """A record's sparse-update setting; records written before the field existed come from runs whose
+    default was ``False``."""
+    return bool(r.get("sparse_updates", r.get("params", {}).get("sparse_updates", False)))
+
+
 def _first_lines(e: Exception, n: int = 2) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return f"{type(e).__name__}: " + " ".join(lines[:n])
@@ -216,6 +233,8 @@ def bench_model(name: str, args, device, dtype) -> list[dict]:
                        speedup=None if base_ms is None or ms is None else base_ms / ms,
                        speedup_vs_eager=None if ms is None else eager_ms / ms)
             rec.update(density or {"density": 1.0, "density_source": "dense"})
+        if impl == "flashomni":
+            rec["sparse_updates"] = effective_sparse_updates(policy, params, args.steps)
         records.append(rec)
         print(f"  {impl:9s} {policy:10s} {params}: {status}"
               + (f", {ms:.0f} ms, PSNR {rec['psnr']:.1f} dB" if out is not None and ms is not None else ""),
@@ -290,7 +309,7 @@ def pareto_plot(records: list[dict], path: Path) -> None:
     def label(r: dict) -> str:
         if r["impl"] != "flashomni":
             return r["impl"]
-        return f"flashomni {r['policy']}" + (" + sparse_updates" if r.get("params", {}).get("sparse_updates") else "")
+        return f"flashomni {r['policy']}" + (" + sparse_updates" if _sparse_updates_of(r) else "")
 
     models = list(dict.fromkeys(r["model"] for r in records))
     labels = list(dict.fromkeys(label(r) for r in records if r.get("speedup") is not None))

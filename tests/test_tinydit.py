@@ -231,3 +231,11 @@ def test_bench_policy_grammar():
     opts = bench.backend_options("flashomni", {"cache_fraction": (0.2, 0.9), "sparse_updates": True}, 20)
     assert opts == {"policy": "flashomni", "total_steps": 20, "sparse_updates": True,
                     "policy_args": {"cache_fraction": (0.2, 0.9)}}
+    # the plot's colour follows the sparse-update setting that ran, not only the swept parameters
+    eff = bench.effective_sparse_updates
+    assert eff("flashomni", {}, 20) is True                       # the default since session 5
+    assert eff("flashomni", {"sparse_updates": False}, 20) is False
+    assert eff("flashomni", {"tau_kv": 0.0}, 20) is False         # nothing to skip: updates stay dense
+    assert eff("qcache", {}, 20) is False and eff("dense", {}, 20) is False
+    assert bench._sparse_updates_of({"params": {}}) is False      # records from before the field existed
+    assert bench._sparse_updates_of({"params": {}, "sparse_updates": True}) is True
