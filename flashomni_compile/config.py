@@ -38,6 +38,9 @@ class FlashOmniConfig:
         inductor: extra Inductor config patches for the inner compile (never applied globally).
         fuse_gemm_q, fuse_gemm_o: rewrite the Q projection / output projection onto the head-sparse
             GEMMs when the pass proves it equivalent. ``False`` leaves them dense.
+        fuse_gemm_kv: rewrite the K and V projections (separate ones, not a fused QKV/KV linear) so that
+            dispatch steps compute only the (kv-block, head) tiles some computed q-block attends to
+            (GEMM-KV), when the pass proves it equivalent. ``False`` leaves them dense.
         cuda_graphs: run every graph that holds sites through step graphs (``runtime/graphs.py``): each
             call is captured into a CUDA graph keyed by the run-time state it starts from, and replayed
             when that state comes back (from the third generation on, with ``total_steps`` or
@@ -54,6 +57,7 @@ class FlashOmniConfig:
     mode: Optional[str] = None
     inductor: Mapping[str, Any] = field(default_factory=dict)
     fuse_gemm_q: bool = True
+    fuse_gemm_kv: bool = True
     fuse_gemm_o: bool = True
     cuda_graphs: Optional[bool] = None
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
@@ -66,7 +70,7 @@ class FlashOmniConfig:
                              f"valid: {', '.join(INNER_BACKENDS)}")
         if self.mode is not None and self.mode not in INDUCTOR_MODES:
             raise ValueError(f"flashomni option 'mode'={self.mode!r} is not valid; valid: {', '.join(INDUCTOR_MODES)}")
-        for name in ("fuse_gemm_q", "fuse_gemm_o"):
+        for name in ("fuse_gemm_q", "fuse_gemm_kv", "fuse_gemm_o"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"flashomni option {name!r} must be True or False, got {getattr(self, name)!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):

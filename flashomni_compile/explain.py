@@ -16,7 +16,7 @@ __all__ = ["explain", "ExplainReport"]
 @dataclass
 class ExplainReport:
     """``sites``: one ``SiteInfo`` per rewritten site (``.name``, ``.kind`` self/joint/single/cross,
-    ``.pieces`` among gemm_q/attention/gemm_o); ``unmatched``: attention left alone, each with ``.reason``.
+    ``.pieces`` among gemm_q/gemm_kv/attention/gemm_o); ``unmatched``: attention left alone, each with ``.reason``.
     ``str(report)`` is a readable table."""
 
     sites: list[SiteInfo] = field(default_factory=list)

@@ -27,6 +27,10 @@ Kernel form (built on the device, once per update, never with a host sync):
   past ``kv_count`` is padding (the skipped indices) and is never read.
 
 This is FlexAttention's ``kv_num_blocks`` / ``kv_indices`` pair, so a kernel walks only the kept blocks.
+
+* ``kv_need`` bool ``[B, H, NKB]`` -- whether some *computed* q-block of head ``h`` attends to kv-block
+  ``j``: ``any_i(q_keep[b, h, i] & kv_keep[b, h, i, j])``. Keys/values of the other (kv-block, head)
+  tiles are never read at a dispatch step, so their K/V projection tiles need not be computed (GEMM-KV).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 
 from ._capture import device_cache
 
-__all__ = ["SparseSymbols", "kv_block_lists", "num_blocks"]
+__all__ = ["SparseSymbols", "kv_block_lists", "kv_need", "num_blocks"]
 
 
 def num_blocks(n: int, block: int) -> int:
@@ -58,6 +62,25 @@ def kv_block_lists(kv_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Sorting the *negated* mask stably puts the kept blocks first, each group in index order.
     kv_index = torch.sort((~kv_keep).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
     return kv_count, kv_index.contiguous()
+
+
+def kv_need(q_keep: torch.Tensor, kv_keep: torch.Tensor, kv_sparse: bool = True,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kv-blocks a dispatch step's attention reads, per head: bool ``[B, H, NKB]``.
+
+    ``kv_need[b, h, j] = any_i(q_keep[b, h, i] & kv_keep[b, h, i, j])``: some computed q-block of head
+    ``h`` attends to kv-block ``j``. ``kv_sparse=False`` (the kernel runs without kv-block lists, every
+    kept q-block reading every kv-block): ``any_i(q_keep[b, h, i])`` for every ``j``. Runs on the device
+    with no host synchronisation; ``out`` (``[B, H, NKB]`` bool) receives the result in place.
+    """
+    B, H, _, nkb = kv_keep.shape
+    if out is None:
+        out = torch.empty(B, H, nkb, dtype=torch.bool, device=kv_keep.device)
+    if kv_sparse:
+        torch.any(q_keep.unsqueeze(-1) & kv_keep, dim=2, out=out)
+    else:
+        out.copy_(q_keep.any(dim=-1, keepdim=True).expand(B, H, nkb))
+    return out
 
 
 @dataclass
@@ -109,6 +132,10 @@ class SparseSymbols:
     def kv_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(kv_count, kv_index)``, the kernel form of ``kv_keep`` (built anew from it on each call)."""
         return kv_block_lists(self.kv_keep)
+
+    def kv_need(self) -> torch.Tensor:
+        """``[B, H, NKB]``: the kv-blocks some computed q-block of each head attends to (``kv_need``)."""
+        return kv_need(self.q_keep, self.kv_keep)
 
     def token_mask(self) -> torch.Tensor:
         """The dense bool mask ``[B, H, Nq, Nkv]`` that ``kv_keep`` means (for tests and references)."""

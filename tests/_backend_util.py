@@ -10,6 +10,7 @@ from flashomni_compile.passes.flow import is_sdpa
 
 SITE_OPS = {"attention": torch.ops.flashomni.site_attention.default,
             "gemm_q": torch.ops.flashomni.site_linear_q.default,
+            "gemm_kv": torch.ops.flashomni.site_linear_kv.default,
             "gemm_o": torch.ops.flashomni.site_linear_o.default}
 
 

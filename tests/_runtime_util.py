@@ -1,7 +1,8 @@
 """Shared helpers of the runtime tests: a hand-made joint text+image layer driven through ``engine``.
 
 The layer mimics an MM-DiT block: text rows ``[0, T)`` and image rows ``[T, N)`` have their own Q and
-output projections (two ``linear_q`` / ``linear_o`` calls with ``row_offset`` 0 and T), K and V are dense.
+output projections (two ``linear_q`` / ``linear_o`` calls with ``row_offset`` 0 and T); K and V are dense
+``F.linear`` unless ``forward(kv=True)`` sends them through ``linear_kv`` (per stream with ``streams``).
 Inputs drift smoothly with the step so that feature caching and Taylor extrapolation see realistic
 histories.
 """
@@ -36,7 +37,7 @@ def fresh_runtime():
 
 
 def make_site(options, *, heads=2, head_dim=64, seq=200, text_len=40, text_first=True, grid=None,
-              name="blocks.0.attn", pieces=("gemm_q", "attention", "gemm_o")) -> int:
+              name="blocks.0.attn", pieces=("gemm_q", "gemm_kv", "attention", "gemm_o")) -> int:
     if isinstance(options, dict):
         # these layers are tiny: send every projection through the sparse GEMMs unless a test says otherwise
         options = RuntimeOptions.from_dict({"sparse_gemm_min_macs": 0, **options})
@@ -96,19 +97,34 @@ def inputs(step: int, batch=1, seq=200, width=128, dtype=torch.float64, seed=1, 
     return (x0 + drift * step * x1 + 0.5 * drift * drift * step * step * x2).to(dtype)
 
 
+def _kv(site: int, L: Layer, x: torch.Tensor, streams: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V through ``engine.linear_kv`` (text and image rows as two calls each with ``streams``)."""
+    T = L.text_len
+    if not streams:
+        return (engine.linear_kv(site, L.anchor, x, L.wk, None, 0), engine.linear_kv(site, L.anchor, x, L.wv, None, 0))
+    return tuple(torch.cat([engine.linear_kv(site, L.anchor, x[:, :T], w, None, 0),
+                            engine.linear_kv(site, L.anchor, x[:, T:], w, None, T)], dim=1) for w in (L.wk, L.wv))
+
+
 def forward(site: int, L: Layer, x: torch.Tensor, kpm: Optional[torch.Tensor] = None, streams: bool = True,
-            fused: bool = True) -> Trace:
-    """One layer forward through ``engine`` (``fused=False``: attention only, dense projections)."""
+            fused: bool = True, kv: bool = False, kv_first: bool = False) -> Trace:
+    """One layer forward through ``engine`` (``fused=False``: attention only, dense projections;
+    ``kv=True``: K and V through ``linear_kv``, before the Q projections with ``kv_first``)."""
     B, N, _ = x.shape
     H, D, T = L.heads, L.head_dim, L.text_len
     lq = engine.linear_q if fused else (lambda s, an, x, w, b, off, cols: F.linear(x, w, b))
     lo = engine.linear_o if fused else (lambda s, an, a, w, b, off, e, ew: F.linear(a, w, b))
+    if kv and kv_first:
+        k, v = _kv(site, L, x, streams)
     if streams:
         q = torch.cat([lq(site, L.anchor, x[:, :T], L.wq_txt, L.bq_txt, 0, H * D),
                        lq(site, L.anchor, x[:, T:], L.wq_img, L.bq_img, T, H * D)], dim=1)
     else:
         q = lq(site, L.anchor, x, L.wq_img, L.bq_img, 0, H * D)
-    k, v = F.linear(x, L.wk), F.linear(x, L.wv)
+    if not kv:
+        k, v = F.linear(x, L.wk), F.linear(x, L.wv)
+    elif not kv_first:
+        k, v = _kv(site, L, x, streams)
     q4, k4, v4 = (t.view(B, N, H, D).transpose(1, 2) for t in (q, k, v))
     out = engine.attention(site, L.anchor, q4, k4, v4, kpm, D ** -0.5)
     a = out.transpose(1, 2).reshape(B, N, H * D)

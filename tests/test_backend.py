@@ -76,7 +76,7 @@ def test_explain_report():
     report = flashomni_compile.explain(model, **kw)
     assert [s.name for s in report.sites] == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
     assert [s.kind for s in report.sites] == ["joint", "single"]
-    assert report.sites[0].pieces == ("gemm_q", "attention", "gemm_o")
+    assert report.sites[0].pieces == ("gemm_q", "gemm_kv", "attention", "gemm_o")
     (u,) = report.unmatched
     assert "not a key-padding mask" in u.reason
     text = str(report)
@@ -173,6 +173,7 @@ def test_site_ops_opcheck():
     opcheck(torch.ops.flashomni.site_attention.default, (q, q, q, kpm, 0, q, 0.25))
     x, w = torch.randn(1, 8, 32), torch.randn(48, 32)
     opcheck(torch.ops.flashomni.site_linear_q.default, (x, w, None, 0, w, 0, 32))
+    opcheck(torch.ops.flashomni.site_linear_kv.default, (x, w, torch.randn(48), 0, w, 0))
     opcheck(torch.ops.flashomni.site_linear_o.default, (x, w, torch.randn(48), x, torch.randn(48, 32), 0, w, 0))
     out = torch.ops.flashomni.site_attention.default(q, q, q, None, 0, q, 0.25)
     assert out.transpose(1, 2).is_contiguous(), "memory order [B, Nq, H, D]"
@@ -180,7 +181,8 @@ def test_site_ops_opcheck():
 
 def test_site_ops_stay_out_of_cuda_graphs():
     # The step schedule is host logic inside the site ops: a CUDA-graph replay would freeze one step kind.
-    for op in (torch.ops.flashomni.site_attention, torch.ops.flashomni.site_linear_q, torch.ops.flashomni.site_linear_o):
+    for op in (torch.ops.flashomni.site_attention, torch.ops.flashomni.site_linear_q,
+               torch.ops.flashomni.site_linear_kv, torch.ops.flashomni.site_linear_o):
         assert torch.Tag.cudagraph_unsafe in op.default.tags
 
 
@@ -213,3 +215,115 @@ def test_set_runtime_options_switches_policy_without_recompiling():
     assert len(records) == 1, "compiled once"
     with pytest.raises(ValueError, match=r"unknown flashomni run-time option\(s\) 'inner_backend'"):
         flashomni_compile.set_runtime_options({"inner_backend": "eager"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# GEMM-KV in a compiled denoising loop
+# ---------------------------------------------------------------------------------------------------
+def _tinydit():
+    """The tinydit MM-DiT (examples/tinydit) at a tiny random configuration: 64 image + 16 text tokens."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from examples.tinydit import data
+    from examples.tinydit.model import TinyDiTConfig, TinyMMDiT
+
+    torch.manual_seed(0)
+    m = TinyMMDiT(TinyDiTConfig(width=64, heads=2, layers=2, rope_axes=(8, 12, 12), sample_size=16)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.1)
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    ids = data.tokenize(["red solid circle center"])
+    return m, dict(hidden_states=x, timestep=torch.tensor([0.9]), caption_ids=ids)
+
+
+def _whole_head_and_diagonal(spec, step, scores, sym):
+    """Head 1 cached whole; head 0 computes the even q-blocks, each attending to kv-block 0 (text first in
+    both models) and its diagonal one: head 0 needs kv-block 0 and the even kv-blocks, head 1 none."""
+    nqb, nkb = sym.kv_keep.shape[-2:]
+    i, j = torch.arange(nqb)[:, None], torch.arange(nkb)[None, :]
+    sym.q_keep[:] = torch.arange(nqb) % 2 == 0
+    sym.q_keep[:, 1] = False
+    sym.kv_keep[:] = (i == j) | (j == 0)
+
+
+def _denoise(model, kw, steps, **options):
+    """``steps`` steps of a toy denoising loop through one flashomni compile (fullgraph, recompiles are
+    errors); returns (inputs, outputs, records, the symbols each layer ended with, the kv_need tensors
+    GEMM-KV ran on)."""
+    from flashomni_compile.runtime.state import all_layer_states
+
+    torch._dynamo.reset()
+    flashomni_compile.reset_runtime()
+    opts = dict(inner_backend="aot_eager", policy="flashomni", block_q=16, block_kv=16, warmup=1, interval=3,
+                last_dense=1, total_steps=steps, taylor_order=1, sparse_gemm_min_macs=0,
+                symbol_hook=_whole_head_and_diagonal, **options)
+    compiled = torch.compile(model, backend="flashomni", fullgraph=True, options=opts)
+    gates, orig = [], engine.sparse_linear_q_op
+
+    def spy(x, w, b, keep, *a):
+        gates.append(keep)
+        return orig(x, w, b, keep, *a)
+
+    ins, outs, x = [], [], kw["hidden_states"]
+    with fo_backend.capture() as records, torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        engine.sparse_linear_q_op = spy
+        try:
+            for step in range(steps):
+                ins.append(dict(kw, hidden_states=x, timestep=torch.tensor([1.0 - step / steps])))
+                out = first(compiled(**ins[-1]))
+                outs.append(out)
+                x = x - 0.2 * out
+        finally:
+            engine.sparse_linear_q_op = orig
+    states = all_layer_states()
+    symbols = sorted((st.spec.name, st.anchor_ptr, st.branches[0].symbols.q_keep.tolist(),
+                      st.branches[0].symbols.kv_keep.tolist()) for st in states)
+    needs = {st.branches[0].kv_need.data_ptr(): st.branches[0].kv_need for st in states}
+    return ins, outs, records, symbols, [needs[g.data_ptr()] for g in gates if g.data_ptr() in needs]
+
+
+@pytest.mark.parametrize("name", ["flux", "tinydit"])
+def test_gemm_kv_equals_dense_kv_in_a_denoising_loop(name, monkeypatch):
+    """With GEMM-KV (the default) the K/V projections are ``site_linear_kv`` ops and dispatch steps compute
+    only the (kv-block, head) tiles attention reads; every step's output equals the same loop compiled
+    with ``fuse_gemm_kv=False`` (same symbols: a hook fixes them), one graph, no recompiles, no graph
+    breaks. Tolerance: float32, 1e-5 relative. Both runs compute the same dense values on every tile
+    attention reads, so only the GEMM's rounding may differ: the GEMM-KV tiles come from the sparse GEMM
+    (on CPU its torch twin, matmul then bias: bitwise equal to ``addmm`` here; on a GPU the Triton kernel,
+    another summation order, ~1e-7 relative), and the loop feeds that into later steps. Mutation check:
+    with kv-block 0 of head 0 dropped from ``kv_need`` the dispatch steps' outputs move by > 1e-3
+    (~3e-2 seen), so the comparison catches a gate that drops a needed block."""
+    model, kw = _tinydit() if name == "tinydit" else M.flux()
+    steps = 6                                  # updates 0, 1, 4, 5; dispatches 2, 3
+    ins, got, rec_kv, sym_kv, gates = _denoise(model, kw, steps)
+    _, ref, rec_dense, sym_dense, dense_gates = _denoise(model, kw, steps, fuse_gemm_kv=False)
+    assert len(rec_kv) == len(rec_dense) == 1, "one graph each"
+    kv_ops = count_ops(rec_kv[0].gm)["gemm_kv"]
+    assert kv_ops >= 2 * len(rec_kv[0].sites) and count_ops(rec_dense[0].gm)["gemm_kv"] == 0
+    assert all("gemm_kv" in s.pieces for s in rec_kv[0].sites)
+    assert sym_kv == sym_dense
+    # every K/V op of every layer ran sparse at both dispatch steps, on a gate that skips tiles
+    assert len(gates) == 2 * kv_ops and not dense_gates
+    assert all(not g[:, 1].any() and g[:, 0].any() and not g.all() for g in gates)
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert float((a - b).norm() / b.norm()) < 1e-5, step
+    with torch.no_grad():      # the dispatch steps really cached and skipped (else equality proves little)
+        for step in (2, 3):
+            plain = first(model(**ins[step]))
+            assert float((got[step] - plain).norm() / plain.norm()) > 1e-3, step
+
+    from flashomni_compile.runtime import state
+    good = state.kv_need_of
+
+    def drop_block_0(q_keep, kv_keep, kv_sparse=True, out=None):
+        need = good(q_keep, kv_keep, kv_sparse, out)
+        need[:, 0, 0] = False
+        return need
+
+    monkeypatch.setattr(state, "kv_need_of", drop_block_0)
+    _, bad, *_ = _denoise(model, kw, steps)
+    for step in (2, 3):
+        assert float((bad[step] - ref[step]).norm() / ref[step].norm()) > 1e-3, step

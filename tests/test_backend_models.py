@@ -13,7 +13,14 @@ from _backend_util import compile_flashomni, count_ops, first, reset_dynamo  # n
 
 pytest.importorskip("diffusers")
 
-FULL = ("gemm_q", "attention", "gemm_o")
+FULL = ("gemm_q", "gemm_kv", "attention", "gemm_o")
+Q_O = ("gemm_q", "attention", "gemm_o")
+# model -> {site name: site_linear_kv ops (one per K/V linear; joint blocks have per-stream ones)}; sites
+# not listed have one K and one V projection
+KV_COUNT = {"flux": {"transformer_blocks.0.attn": 4}, "sd3": {"transformer_blocks.0.attn": 4,
+                                                                "transformer_blocks.1.attn": 4},
+            "hunyuan_video": {"transformer_blocks.0.attn": 4}, "wan": {"blocks.0.attn1": 1, "blocks.0.attn2": 1},
+            "vit": {"blocks.0": 0, "blocks.1": 0}}
 # model -> ({site name: (kind, pieces, text_len, text_first)}, {left-alone name: reason fragment})
 EXPECTED = {
     "flux": ({"transformer_blocks.0.attn": ("joint", FULL, 6, True),
@@ -24,14 +31,16 @@ EXPECTED = {
     "hunyuan_video": ({"transformer_blocks.0.attn": ("joint", FULL, 6, False),
                        "single_transformer_blocks.0.attn": ("single", FULL, 6, False)},
                       {"context_embedder.token_refiner.refiner_blocks.0.attn": "varies over heads or queries"}),
-    # Wan normalises Q over all heads at once (rms_norm over H*D): a head-sparse Q projection is not exact.
-    "wan": ({"blocks.0.attn1": ("self", ("attention", "gemm_o"), 0, True),
-             "blocks.0.attn2": ("cross", ("attention", "gemm_o"), 0, True)}, {}),
+    # Wan normalises Q and K over all heads at once (rms_norm over H*D): a head-sparse Q or K projection is
+    # not exact; V has no norm, so its projection is still GEMM-KV.
+    "wan": ({"blocks.0.attn1": ("self", ("gemm_kv", "attention", "gemm_o"), 0, True),
+             "blocks.0.attn2": ("cross", ("gemm_kv", "attention", "gemm_o"), 0, True)}, {}),
     "cogvideox": ({"transformer_blocks.0.attn1": ("joint", FULL, 6, True)}, {}),
     "pixart": ({"transformer_blocks.0.attn1": ("self", FULL, 0, True),
                 "transformer_blocks.0.attn2": ("cross", FULL, 0, True)}, {}),
     "dit": ({"transformer_blocks.0.attn1": ("self", FULL, 0, True)}, {}),
-    "vit": ({"blocks.0": ("self", FULL, 0, True), "blocks.1": ("self", FULL, 0, True)}, {}),
+    # fused QKV linear: GEMM-Q on its Q columns, K and V dense
+    "vit": ({"blocks.0": ("self", Q_O, 0, True), "blocks.1": ("self", Q_O, 0, True)}, {}),
 }
 
 
@@ -55,6 +64,8 @@ def test_model_sites_ops_and_outputs(name):
     # one site_linear_q per proven Q projection (two for joint blocks with per-stream projections)
     assert counts["gemm_q"] >= sum(1 for s in rec.sites if "gemm_q" in s.pieces)
     assert counts["gemm_o"] >= sum(1 for s in rec.sites if "gemm_o" in s.pieces)
+    kv = KV_COUNT.get(name, {})
+    assert counts["gemm_kv"] == sum(kv.get(s.name, 2) for s in rec.sites), rec.report
     torch.testing.assert_close(first(out), ref, rtol=1e-5, atol=1e-5)
 
 

@@ -13,6 +13,7 @@ from flashomni_compile.passes.match import find_sites
 
 B, N, H, D = 1, 12, 2, 16
 C = H * D
+FULL = ("gemm_q", "gemm_kv", "attention", "gemm_o")
 
 
 def _x(n=N, c=C):
@@ -56,8 +57,10 @@ def test_plain_self_attention_is_a_full_site(positional):
     sites, rejected = _match(Attn(positional=positional), _x())
     assert not rejected and len(sites) == 1
     s = sites[0]
-    assert (s.kind, s.pieces, s.heads, s.head_dim, s.seq_q) == ("self", ("gemm_q", "attention", "gemm_o"), H, D, N)
+    assert (s.kind, s.pieces, s.heads, s.head_dim, s.seq_q) == ("self", FULL, H, D, N)
     assert s.anchor.op == "placeholder" and s.anchor is [p.node for p in s.q_proj][0].args[1]
+    assert [(p.role, p.row_offset, p.rows, p.sparse_cols) for p in s.kv_proj] == [("k", 0, N, C), ("v", 0, N, C)]
+    assert not s.notes
 
 
 @pytest.mark.parametrize("kw,fragment", [
@@ -136,19 +139,19 @@ def _graphs_with_grad(model, *args):
 
 def test_per_head_qk_norm_keeps_gemm_q():
     sites, _ = _match(Attn(qnorm="per_head"), _x())
-    assert sites[0].pieces == ("gemm_q", "attention", "gemm_o") and "qk_norm" in sites[0].norms
+    assert sites[0].pieces == FULL and "qk_norm" in sites[0].norms
 
 
 def test_qk_norm_across_heads_drops_gemm_q():
     sites, _ = _match(Attn(qnorm="across_heads"), _x())
-    assert sites[0].pieces == ("attention", "gemm_o")
+    assert sites[0].pieces == ("gemm_kv", "attention", "gemm_o")      # only Q is normalised across heads
     assert any("rms_norm combines values of different tokens or heads" in n for n in sites[0].notes)
 
 
 @pytest.mark.parametrize("post,fragment", [("gate", "GEMM-O: no linear"), ("permuted_heads", "GEMM-O:")])
 def test_output_not_a_plain_rearrangement_drops_gemm_o(post, fragment):
     sites, _ = _match(Attn(post=post), _x())
-    assert sites[0].pieces == ("gemm_q", "attention")
+    assert sites[0].pieces == ("gemm_q", "gemm_kv", "attention")
     assert any(fragment in n for n in sites[0].notes)
 
 
@@ -183,6 +186,9 @@ def test_fused_qkv(q_index, fused):
     assert ("gemm_q" in sites[0].pieces) == fused
     if fused:
         assert sites[0].q_proj[0].sparse_cols == C
+    # K and V of a fused QKV linear stay dense, with a note
+    assert "gemm_kv" not in sites[0].pieces
+    assert any("GEMM-KV: " in n and "feeds Q/K/V together" in n for n in sites[0].notes), sites[0].notes
 
 
 def test_joint_streams_text_last_and_single_stream_output():
@@ -207,3 +213,121 @@ def test_joint_streams_text_last_and_single_stream_output():
     assert (s.kind, s.text_len, s.text_first) == ("single", 4, False)
     assert [(p.row_offset, p.rows) for p in s.q_proj] == [(0, 10), (10, 4)]
     assert s.o_proj[0].extra is not None and s.pieces == ("gemm_q", "attention", "gemm_o")
+    assert any("GEMM-KV: " in n and "feeds K/V together" in n for n in s.notes), s.notes   # fused KV: dense
+
+
+# ---------------------------------------------------------------------------------------------------
+# GEMM-KV: K and V projections
+# ---------------------------------------------------------------------------------------------------
+def test_k_projection_read_elsewhere_stays_dense():
+    """A K projection whose output is also read outside the K path is refused with a note (its skipped
+    tiles would be zeros there); V, read only by attention, is still fused."""
+
+    class Leak(Attn):
+        def forward(self, x):
+            k = self.k(x)
+            q, v = (f(x).unflatten(-1, (H, D)).transpose(1, 2) for f in (self.q, self.v))
+            o = F.scaled_dot_product_attention(q, k.unflatten(-1, (H, D)).transpose(1, 2), v)
+            return self.o(o.transpose(1, 2).reshape(B, N, C)) + k
+
+    sites, _ = _match(Leak(), _x())
+    s = sites[0]
+    assert s.pieces == FULL
+    assert [p.role for p in s.kv_proj] == ["v"]
+    assert any(n.startswith("GEMM-KV: output of") and "also read by" in n for n in s.notes), s.notes
+
+
+def test_k_read_by_a_second_attention_stays_dense():
+    """The same K (and Q) feeding two attention calls: the other call would read the tiles this site skips."""
+
+    class Two(Attn):
+        def forward(self, x):
+            q, k, v = (f(x).unflatten(-1, (H, D)).transpose(1, 2) for f in (self.q, self.k, self.v))
+            o1 = F.scaled_dot_product_attention(q, k, v)
+            o2 = F.scaled_dot_product_attention(q * 2.0, k, v * 2.0)
+            return self.o((o1 + o2).transpose(1, 2).reshape(B, N, C))
+
+    sites, _ = _match(Two(), _x())
+    assert len(sites) == 2
+    for s in sites:
+        assert "gemm_kv" not in s.pieces and "gemm_q" not in s.pieces, (s.name, s.pieces)
+        assert any(n.startswith("GEMM-KV: output of linear_1 is also read by") and "(sdpa)" in n for n in s.notes)
+
+
+def test_k_norm_across_heads_keeps_k_dense_and_fuses_v():
+    """Wan-style K norm over all heads: K is not head-local, V is."""
+
+    class KNorm(Attn):
+        def forward(self, x):
+            q, v = (f(x).unflatten(-1, (H, D)).transpose(1, 2) for f in (self.q, self.v))
+            k = F.rms_norm(self.k(x), (C,)).unflatten(-1, (H, D)).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v)
+            return self.o(o.transpose(1, 2).reshape(B, N, C))
+
+    sites, _ = _match(KNorm(), _x())
+    assert [p.role for p in sites[0].kv_proj] == ["v"]
+    assert any(n.startswith("GEMM-KV: K is not head-local (tokens/heads are mixed") for n in sites[0].notes)
+
+
+def test_kv_projection_wider_than_the_heads_stays_dense():
+    """A K linear with more columns than K uses (the rest dropped): not all its columns go to K."""
+
+    class Wide(Attn):
+        def __init__(self):
+            super().__init__()
+            self.k = nn.Linear(C, 2 * C)
+
+        def forward(self, x):
+            q, v = (f(x).unflatten(-1, (H, D)).transpose(1, 2) for f in (self.q, self.v))
+            k = self.k(x)[..., :C].unflatten(-1, (H, D)).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v)
+            return self.o(o.transpose(1, 2).reshape(B, N, C))
+
+    sites, _ = _match(Wide(), _x())
+    assert [p.role for p in sites[0].kv_proj] == ["v"]
+    assert any("GEMM-KV: projection" in n and "is not [B, M, H*D]" in n for n in sites[0].notes)
+
+
+def test_kv_per_stream_projections_and_cross_attention():
+    """Per-stream K/V linears concatenated text last (row offsets in the key sequence), and a cross
+    attention whose K/V come from a shorter context."""
+
+    class Joint(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qi, self.qt, self.ki, self.kt, self.vi, self.vt = (nn.Linear(C, C) for _ in range(6))
+            self.o = nn.Linear(C, C)
+
+        def forward(self, img, txt):
+            heads = lambda t: t.unflatten(-1, (H, D)).permute(0, 2, 1, 3)  # noqa: E731
+            q = heads(torch.cat([self.qi(img), self.qt(txt)], 1))
+            k = heads(torch.cat([self.ki(img), self.kt(txt)], 1))
+            v = heads(torch.cat([self.vi(img), self.vt(txt)], 1))
+            return self.o(F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3).flatten(2))
+
+    sites, _ = _match(Joint(), _x(10), _x(4))
+    s = sites[0]
+    assert s.pieces == FULL and (s.text_len, s.text_first) == (4, False)
+    assert [(p.role, p.row_offset, p.rows) for p in s.kv_proj] == [("k", 0, 10), ("k", 10, 4),
+                                                                    ("v", 0, 10), ("v", 10, 4)]
+
+    class Cross(Attn):
+        def forward(self, x, ctx):
+            q = self.q(x).unflatten(-1, (H, D)).transpose(1, 2)
+            k, v = (f(ctx).unflatten(-1, (H, D)).transpose(1, 2) for f in (self.k, self.v))
+            o = F.scaled_dot_product_attention(q, k, v)
+            return self.o(o.transpose(1, 2).reshape(B, N, C))
+
+    sites, _ = _match(Cross(), _x(), _x(5))
+    s = sites[0]
+    assert s.kind == "cross" and s.pieces == FULL
+    assert [(p.role, p.row_offset, p.rows) for p in s.kv_proj] == [("k", 0, 5), ("v", 0, 5)]
+
+
+def test_fuse_gemm_kv_false_leaves_kv_dense():
+    from flashomni_compile.config import FlashOmniConfig
+
+    (gm,) = dynamo_graphs(Attn(), _x())
+    sites, _ = find_sites(gm, FlashOmniConfig(fuse_gemm_kv=False))
+    assert sites[0].pieces == ("gemm_q", "attention", "gemm_o") and not sites[0].kv_proj
+    assert "GEMM-KV: disabled by fuse_gemm_kv=False" in sites[0].notes

@@ -425,20 +425,20 @@ def test_dispatch_no_sync_no_state_allocation(order):
     L = Layer.random(dtype=torch.float32)
     x = lambda s: inputs(s, dtype=torch.float32)  # noqa: E731
     for s in range(4):
-        forward(site, L, x(s))                     # warm-up (3 steps) + the first scheduled update
+        forward(site, L, x(s), kv=True)            # warm-up (3 steps) + the first scheduled update
     st = engine._state(site, L.anchor)
     before = [(t.data_ptr(), t.shape) for t in st.tensors()]
     assert before
     for s in range(4, 7):
         with _Recorder() as r:
-            forward(site, L, x(s))
+            forward(site, L, x(s), kv=True)
         assert st.current.kind == "dispatch"
         bad = sorted(set(r.ops) & _SYNC_OPS)
         assert not bad, f"dispatch step ran {bad}"
         assert "scaled_dot_product_attention" not in r.ops and "_scaled_dot_product_flash_attention_for_cpu" not in r.ops
         assert [(t.data_ptr(), t.shape) for t in st.tensors()] == before
     with _Recorder() as r:
-        forward(site, L, x(7))                      # an update writes in place and does not sync either
+        forward(site, L, x(7), kv=True)             # an update writes in place and does not sync either
     assert st.current.kind == "update"
     assert not set(r.ops) & {"_local_scalar_dense", "item"}
     assert [(t.data_ptr(), t.shape) for t in st.tensors()] == before
@@ -572,27 +572,36 @@ def test_stats_report():
 
 
 def test_dispatch_through_triton_kernels(monkeypatch):
-    """The same loop on the Triton kernels (interpreter on CPU): dispatch = reference semantics, GEMM-O
-    consistent with the attention output. Slow under the interpreter, so one configuration only."""
+    """The same loop on the Triton kernels (interpreter on CPU), K and V through GEMM-KV: dispatch = the
+    reference semantics on the dense K and V, GEMM-O consistent with the attention output. Slow under the
+    interpreter, so one configuration only."""
     if __import__("os").environ.get("TRITON_INTERPRET") != "1":
         # The loop's tensors live on the CPU: the Triton kernels can run them only under the interpreter
         # (on a GPU machine the kernels' own tests and bench_e2e cover the compiled path).
         pytest.skip("needs the Triton interpreter (CPU tensors)")
     monkeypatch.setenv("FLASHOMNI_FORCE_TRITON", "1")
-    site = make_site(dict(SPARSE, taylor_order=1, interval=4, total_steps=7))
+
+    def cache_head_1(spec, step, scores, sym):   # the policy's symbols, head 1 cached whole: GEMM-KV skips it
+        sym.q_keep[:, 1] = False
+
+    site = make_site(dict(SPARSE, taylor_order=1, interval=4, total_steps=7, symbol_hook=cache_head_1))
     L = Layer.random(dtype=torch.float32)
     n_dispatch = 0
     for s in range(7):
         x = inputs(s, dtype=torch.float32)
-        tr = forward(site, L, x)
+        tr = forward(site, L, x, kv=True)
         st, br = _state(site, L)
         assert rel(tr.y, dense_forward_o(L, tr.a, True)) < 1e-5
         if st.current.kind == "dispatch":
             n_dispatch += 1
             sym = br.symbols
             assert (~sym.q_keep).any() and (~sym.kv_keep).any()
-            want, _ = sparse_attention_ref(tr.q, tr.k, tr.v, sym.q_keep, *kv_block_lists(sym.kv_keep), br.cache.at(s),
-                                           None, 0.125, 32, 32)
+            assert not br.kv_need[:, 1].any() and br.kv_need[:, 0].any()
+            skipped = ~br.kv_need.repeat_interleave(32, -1)[..., :200]
+            assert not tr.k[skipped].any() and not tr.v[skipped].any()
+            ref = dense_forward(L, x)
+            want, _ = sparse_attention_ref(tr.q, ref.k, ref.v, sym.q_keep, *kv_block_lists(sym.kv_keep),
+                                           br.cache.at(s), None, 0.125, 32, 32)
             assert rel(tr.out, want) < 2e-3      # conftest.REL_TOL for float32 kernels
     assert n_dispatch == 3
 
@@ -650,3 +659,153 @@ def test_density_history_stays_bounded_and_exact():
     q_mean, kv_mean = st.dispatch_densities()
     assert abs(q_mean - sum(q * n for q, n in zip(qs, ns)) / total) < 1e-6
     assert abs(kv_mean - sum(k * n for k, n in zip(ks, ns)) / total) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------
+# GEMM-KV: K and V projections at dispatch steps compute only the tiles attention reads (kv_need)
+# ---------------------------------------------------------------------------------------------------
+def _kv_need_loop(q_keep, kv_keep):
+    """``kv_need`` by its definition, one (b, h, j) at a time."""
+    B, H, NQB, NKB = kv_keep.shape
+    out = torch.zeros(B, H, NKB, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for j in range(NKB):
+                out[b, h, j] = any(bool(q_keep[b, h, i]) and bool(kv_keep[b, h, i, j]) for i in range(NQB))
+    return out
+
+
+def _random_symbols(g, B=2, H=3, nqb=5, nkb=4):
+    q_keep = torch.rand(B, H, nqb, generator=g) < 0.6
+    kv_keep = torch.rand(B, H, nqb, nkb, generator=g) < 0.4
+    q_keep[0, 1] = False                      # a head cached whole: needs no key/value at all
+    q_keep[1, 0, 2] = True
+    kv_keep[1, 0, 2] = False                  # a computed q-block that attends to nothing
+    kv_keep[1, 2, :, 1] = False               # a kv-block nobody attends to
+    q_keep[1, 2] = True
+    return q_keep, kv_keep
+
+
+def test_kv_need_equals_direct_computation():
+    """``symbols.kv_need`` and ``BranchState.store_symbols`` (written in place at every later update) equal
+    the definition on random symbols, including an all-cached head, an empty kv_keep row and a kv-block
+    nobody attends to; without kv-block skipping a head needs everything iff one of its q-blocks is kept."""
+    from flashomni_compile.runtime.state import BranchState
+    from flashomni_compile.symbols import SparseSymbols, kv_need
+
+    g = torch.Generator().manual_seed(11)
+    br, first = BranchState(), None
+    for i in range(3):
+        q_keep, kv_keep = _random_symbols(g)
+        want = _kv_need_loop(q_keep, kv_keep)
+        assert not want[0, 1].any() and want[1, 2].any() and not want[1, 2, 1]
+        assert torch.equal(kv_need(q_keep, kv_keep), want)
+        sym = SparseSymbols(q_keep, kv_keep, 150, 120, 32, 32)   # NQB = 5, NKB = 4
+        assert torch.equal(sym.kv_need(), want)
+        br.store_symbols(sym)
+        assert br.kv_need.shape == (2, 3, 4) and br.kv_need.dtype == torch.bool
+        assert torch.equal(br.kv_need, want)
+        ptrs = [t.data_ptr() for t in br.tensors()]
+        assert first is None or ptrs == first, "later updates write kv_need in place"
+        first = ptrs
+        br.store_symbols(sym, kv_sparse=False)
+        assert torch.equal(br.kv_need, q_keep.any(-1, keepdim=True).expand(2, 3, 4))
+        assert [t.data_ptr() for t in br.tensors()] == first
+
+
+def test_kv_need_is_exactly_what_attention_reads():
+    """The tiles ``kv_need`` drops can hold anything (the output does not change), and every tile it keeps
+    is read (changing it changes the output): the gate is neither too small nor larger than needed."""
+    from flashomni_compile.symbols import kv_need
+
+    g = torch.Generator().manual_seed(5)
+    B, H, N, D, bs = 2, 3, 150, 16, 32
+    q_keep, kv_keep = _random_symbols(g, B, H, 5, 5)
+    need = kv_need(q_keep, kv_keep)
+    q, k, v, cache = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(4))
+    lists = kv_block_lists(kv_keep)
+
+    def attend(k, v):
+        return sparse_attention_ref(q, k, v, q_keep, *lists, cache, None, 0.25, bs, bs)[0]
+
+    ref = attend(k, v)
+    rows = need.repeat_interleave(bs, dim=-1)[..., :N, None]                  # [B, H, N, 1]
+    garbage = torch.randn(B, H, N, D, generator=g, dtype=torch.float64) * 100
+    assert torch.equal(attend(torch.where(rows, k, garbage), torch.where(rows, v, -garbage)), ref)
+    assert not need.all() and need.any()
+    for b, h, j in need.nonzero().tolist():
+        k2 = k.clone()
+        k2[b, h, j * bs:(j + 1) * bs] = 0.0
+        assert rel(attend(k2, v), ref) > 1e-6, f"tile (b={b}, h={h}, kv-block {j}) is never read"
+
+
+def _hook_whole_head_and_band(spec, step, scores, sym):
+    """Deterministic symbols (NQB = NKB = 7): head 1 cached whole; head 0 keeps q-blocks 0, 1, 5, 6 on a
+    band |i - j| <= 1, q-block 1 attending to nothing: head 0 needs kv-blocks {0, 1, 4, 5, 6}, not 2, 3."""
+    nqb, nkb = sym.kv_keep.shape[-2:]
+    i, j = torch.arange(nqb)[:, None], torch.arange(nkb)[None, :]
+    sym.q_keep[:] = torch.tensor([True, True, False, False, False, True, True])
+    sym.q_keep[:, 1] = False
+    sym.kv_keep[:] = (i - j).abs() <= 1
+    sym.kv_keep[:, :, 1] = False
+
+
+KV_NEED_HEAD0 = torch.tensor([True, True, False, False, True, True, True])
+
+
+@pytest.mark.parametrize("kv_first,streams,fused", [(False, True, True), (True, True, True), (True, False, False)],
+                         ids=["q-first", "kv-first", "kv-only"])
+def test_gemm_kv_dispatch_equals_dense_kv(kv_first, streams, fused):
+    """GEMM-KV on (``linear_kv``) vs off (dense K/V) over a denoising loop, same symbols: every step's
+    attention and output projection agree to float64 rounding, the pass counts one step whatever the
+    order of the projections (K/V before Q, or K/V the only fused projections), and at dispatch steps K
+    and V hold the dense values on the needed tiles and zeros elsewhere (head 1, cached whole, none)."""
+    opts = dict(SPARSE, taylor_order=1, symbol_hook=_hook_whole_head_and_band)
+    s_kv, s_dense = make_site(opts), make_site(opts, name="blocks.1.attn")
+    L = Layer.random()
+    kinds = []
+    for s in range(STEPS):
+        x = inputs(s)
+        tr = forward(s_kv, L, x, streams=streams, fused=fused, kv=True, kv_first=kv_first)
+        ref = forward(s_dense, L, x, streams=streams, fused=fused)
+        st, br = _state(s_kv, L)
+        kinds.append(st.current.kind)
+        assert rel(tr.out, ref.out) < TOL64 and rel(tr.y, ref.y) < TOL64, (s, kinds[-1])
+        if kinds[-1] == "dispatch":
+            assert torch.equal(br.kv_need[0, 0], KV_NEED_HEAD0) and not br.kv_need[0, 1].any()
+            rows = br.kv_need.repeat_interleave(32, dim=-1)[..., :200, None].expand_as(tr.k)
+            for got, dense in ((tr.k, ref.k), (tr.v, ref.v)):
+                assert torch.allclose(got[rows], dense[rows], rtol=0, atol=1e-12)
+                assert not got[~rows].any(), "skipped tiles are zeros (GEMM-Q's contract)"
+        else:
+            assert torch.equal(tr.k, ref.k) and torch.equal(tr.v, ref.v)       # update steps: dense
+    st_kv, st_dense = engine._state(s_kv, L.anchor), engine._state(s_dense, L.anchor)
+    assert kinds.count("dispatch") == 4 and st_kv.counted_step == st_dense.counted_step
+    assert (st_kv.stats.updates, st_kv.stats.dispatches) == (st_dense.stats.updates, st_dense.stats.dispatches)
+
+
+def test_gemm_kv_dropping_a_needed_block_changes_the_output():
+    """Mutation check: clear one needed tile of ``kv_need`` at a dispatch step and the output moves away
+    from the dense-K/V run (so the equality above would catch a gate that drops a block)."""
+    opts = dict(SPARSE, taylor_order=1, symbol_hook=_hook_whole_head_and_band)
+    s_kv, s_dense = make_site(opts), make_site(opts, name="blocks.1.attn")
+    L = Layer.random()
+    checked = 0
+    for s in range(STEPS):
+        x = inputs(s)
+        st = engine._state(s_kv, L.anchor)
+        mutate = st.current is not None and s in (3, 4)          # steps 3, 4 dispatch (warmup 2, interval 3)
+        if mutate:
+            need = st.branches[0].kv_need
+            saved = need.clone()
+            need[0, 0, 4] = False                              # kv-block 4 of head 0: read by q-block 5
+        tr = forward(s_kv, L, x, kv=True)
+        ref = forward(s_dense, L, x)
+        assert st.current.kind == ("dispatch" if s in (3, 4, 6, 7) else "update")
+        if mutate:
+            need.copy_(saved)
+            assert rel(tr.out, ref.out) > 1e-3 and rel(tr.y, ref.y) > 1e-3
+            checked += 1
+        else:
+            assert rel(tr.y, ref.y) < TOL64
+    assert checked == 2

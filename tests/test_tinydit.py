@@ -191,6 +191,7 @@ def test_flashomni_dense_equals_eager(image_model):
     t = torch.full((2,), 0.7)
     report = flashomni_compile.explain(image_model, noise, t, ids, options={"policy": "dense"})
     assert [s.kind for s in report.sites] == ["joint"] * image_model.config.layers, str(report)
+    assert all(s.pieces == ("gemm_q", "gemm_kv", "attention", "gemm_o") for s in report.sites), str(report)
     assert not report.unmatched, str(report)
 
     torch._dynamo.reset()

@@ -256,6 +256,21 @@ def _(x, weight, bias, site, anchor, row_offset, sparse_cols):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@torch.library.custom_op("flashomni::site_linear_kv", mutates_args=(), tags=_SITE_TAGS)
+def site_linear_kv(x: Tensor, weight: Tensor, bias: Optional[Tensor], site: int, anchor: Tensor,
+                   row_offset: int) -> Tensor:
+    """K or V projection of site ``site``: ``x [B, M, K]`` holds rows ``row_offset ...`` of the key/value
+    sequence; the ``H*D`` output columns are the heads (head ``h`` at ``h*D ... (h+1)*D``)."""
+    from ..runtime import engine
+
+    return engine.linear_kv(site, anchor, x, weight, bias, row_offset)
+
+
+@site_linear_kv.register_fake
+def _(x, weight, bias, site, anchor, row_offset):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 @torch.library.custom_op("flashomni::site_linear_o", mutates_args=(), tags=_SITE_TAGS)
 def site_linear_o(a: Tensor, weight: Tensor, bias: Optional[Tensor], extra: Optional[Tensor],
                   extra_weight: Optional[Tensor], site: int, anchor: Tensor, row_offset: int) -> Tensor:

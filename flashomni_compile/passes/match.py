@@ -9,7 +9,11 @@
    walking up through known ops; ``flow.LabelRun`` then proves that each Q element of token ``n``, head
    ``h`` reads only rows ``n - row_offset`` and head-``h`` columns of one projection, and that the
    projection's Q columns flow nowhere else.
-3. *GEMM-O*: the linears consuming the attention output (possibly split into text/image streams, or
+3. *GEMM-KV*: the same label run proves, for each linear feeding K (V), that K (V) element of kv token
+   ``n``, head ``h`` reads only its rows ``n - row_offset`` and head-``h`` columns, that all its ``H*D``
+   columns go to K (V) alone (a fused QKV or KV linear stays dense), and that nothing off the K (V) path
+   reads its output: then a tile whose keys/values no computed q-block attends to may be skipped.
+4. *GEMM-O*: the linears consuming the attention output (possibly split into text/image streams, or
    concatenated with an MLP branch in single-stream blocks) are proven to read it with heads in column
    blocks, rows ``row_offset ...``.
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -161,25 +165,45 @@ def _seed_q(L: fx.Node, D: int, base: int) -> tuple[torch.Tensor, int, Optional[
     return base + torch.arange(numel, dtype=flow.LABEL_DTYPE).view(shape or ()), base + numel, None
 
 
-def _prove_q(site_q: fx.Node, k: fx.Node, v: fx.Node, dims) -> tuple[list[Projection], list[tuple[int, int, fx.Node]], list[str], tuple[str, ...], dict]:
-    """Returns ``(projections, segments, notes, seen, sources)``; segments: (row_offset, rows, linear)."""
-    B, H, N, D, Nkv = dims
-    paths, srcs = {}, {}
+class _Flow(NamedTuple):
+    """The label run shared by the Q and K/V proofs. ``paths``, ``srcs``, ``blocked``: per role (``"q"``,
+    ``"k"``, ``"v"``) what ``flow.backward_path`` found above that SDPA input; ``info[L]``: the label range
+    ``[lo, hi)`` of linear ``L`` and its ``(b, m, column blocks)`` (None when not ``[B, M, C]``); ``run``:
+    the labels that reach Q, K and V (None when no linear feeds any of them)."""
+
+    paths: dict
+    srcs: dict
+    blocked: dict
+    info: dict
+    run: Optional[flow.LabelRun]
+
+
+def _trace(site_q: fx.Node, k: fx.Node, v: fx.Node, D: int) -> _Flow:
+    """Walk up from Q, K and V to the linears above them and run one label flow from all of them."""
+    paths, srcs, blocked = {}, {}, {}
     for role, x in (("q", site_q), ("k", k), ("v", v)):
-        paths[role], srcs[role], blocked = flow.backward_path(x, is_linear)
-        if role == "q" and not srcs[role]:
-            why = f" (the way up is blocked by {', '.join(sorted(set(blocked)))})" if blocked else ""
-            return [], [], [f"GEMM-Q: no linear projection found above Q{why}"], (), srcs
-    seen = tuple(sorted({s for s, names in (("qk_norm", ("rms_norm", "layer_norm", "rsqrt")),
-                                               ("rope", ("setitem", "neg")))
-                         if any(op_name(p) in names for p in paths["q"])}))
+        paths[role], srcs[role], blocked[role] = flow.backward_path(x, is_linear)
     linears = list(dict.fromkeys(srcs["q"] + srcs["k"] + srcs["v"]))
     seeds, info, base = {}, {}, 0
     for L in linears:
         lab, nxt, shp = _seed_q(L, D, base)
         seeds[L], info[L] = lab, (base, nxt, shp)
         base = nxt
-    run = flow.LabelRun(seeds, paths["q"] | paths["k"] | paths["v"], keep={site_q, k, v})
+    run = flow.LabelRun(seeds, paths["q"] | paths["k"] | paths["v"], keep={site_q, k, v}) if seeds else None
+    return _Flow(paths, srcs, blocked, info, run)
+
+
+def _prove_q(fl: _Flow, site_q: fx.Node, k: fx.Node, v: fx.Node, sdpa: fx.Node, dims) -> tuple[list[Projection], list[tuple[int, int, fx.Node]], list[str], tuple[str, ...], dict]:
+    """Returns ``(projections, segments, notes, seen, sources)``; segments: (row_offset, rows, linear)."""
+    B, H, N, D, Nkv = dims
+    paths, srcs, info, run = fl.paths, fl.srcs, fl.info, fl.run
+    if not srcs["q"]:
+        blocked = fl.blocked["q"]
+        why = f" (the way up is blocked by {', '.join(sorted(set(blocked)))})" if blocked else ""
+        return [], [], [f"GEMM-Q: no linear projection found above Q{why}"], (), srcs
+    seen = tuple(sorted({s for s, names in (("qk_norm", ("rms_norm", "layer_norm", "rsqrt")),
+                                               ("rope", ("setitem", "neg")))
+                         if any(op_name(p) in names for p in paths["q"])}))
     lab4 = run.labels(site_q)
     notes: list[str] = []
     problems = "; ".join(f"{site_name(p)}: {why}" for p, why in run.problems.items() if p in paths["q"])
@@ -192,28 +216,19 @@ def _prove_q(site_q: fx.Node, k: fx.Node, v: fx.Node, dims) -> tuple[list[Projec
             "part of Q is never written" if bool((lab == UNDEF).any()) else "head dims are mixed"
         return [], _segments_from(lab, info), [f"GEMM-Q: not head-local ({bad}{': ' + problems if problems else ''})"], seen, srcs
     projections = []
-    hh = torch.arange(H).view(1, H, 1).expand(B, H, N)
-    bb = torch.arange(B).view(B, 1, 1).expand(B, H, N)
-    nn_ = torch.arange(N).view(1, 1, N).expand(B, H, N)
     for L, (lo, hi, shp) in info.items():
         mask = (lab >= lo) & (lab < hi)
         if not bool(mask.any()):
             continue
         if shp is None:
             return [], [], [f"GEMM-Q: projection {L.name} is not [B, M, C]"], seen, srcs
-        b_, m_, nh = shp
-        rel = lab - lo
-        j, m, b = rel % nh, (rel // nh) % m_, rel // (nh * m_)
-        rows = mask.all(dim=0).all(dim=0)
-        if not bool((mask.any(dim=0).any(dim=0) == rows).all()):
+        span = _row_map(lab, mask, lo, shp)
+        if span == "partial":
             return [], [], [f"GEMM-Q: {L.name} feeds only some heads of some tokens"], seen, srcs
-        idx = rows.nonzero().flatten()
-        off, cnt = int(idx[0]), int(idx.numel())
-        ok = (cnt == m_ and int(idx[-1]) - off + 1 == cnt and b_ == B
-              and bool((j[mask] == hh[mask]).all()) and bool((b[mask] == bb[mask]).all())
-              and bool((m[mask] == nn_[mask] - off).all()))
-        if not ok:
+        if span is None:
             return [], [], [f"GEMM-Q: rows/heads of {L.name} do not map one-to-one onto Q tokens/heads"], seen, srcs
+        off, cnt = span
+        nh = shp[2]
         if L in srcs["k"] or L in srcs["v"]:  # fused QKV: Q columns must not leak into K or V
             for x in (k, v):
                 lx = run.labels(x)
@@ -224,7 +239,7 @@ def _prove_q(site_q: fx.Node, k: fx.Node, v: fx.Node, dims) -> tuple[list[Projec
         projections.append(Projection(L, off, cnt, H * D))
     path_all = paths["q"] | paths["k"] | paths["v"]
     for P in projections:
-        leak = _escapes(P.node, path_all)
+        leak = _escapes(P.node, path_all, sdpa)
         if leak:
             return [], [(p.row_offset, p.rows, p.node) for p in projections], \
                 [f"GEMM-Q: output of {P.node.name} is also read by {leak}"], seen, srcs
@@ -232,6 +247,87 @@ def _prove_q(site_q: fx.Node, k: fx.Node, v: fx.Node, dims) -> tuple[list[Projec
     if covered != N:
         return [], [], [f"GEMM-Q: projections cover {covered} of {N} Q rows"], seen, srcs
     return projections, [(p.row_offset, p.rows, p.node) for p in projections], notes, seen, srcs
+
+
+def _row_map(lab: torch.Tensor, mask: torch.Tensor, lo: int, shp: tuple[int, int, int]):
+    """Where one linear's labels land in ``lab [B, H, N]`` (the labels of an SDPA input, one per batch,
+    head, token): ``mask`` marks them, ``lo`` is the linear's first label, ``shp`` its ``(b, m, column
+    blocks)``. Returns ``(row_offset, rows)`` when they fill whole tokens (every head), token ``n`` of
+    batch ``b``, head ``h`` holding the linear's row ``n - row_offset``, batch ``b``, column block ``h``,
+    and every row of the linear is used; ``"partial"`` when some tokens get only some heads; else None."""
+    B, H, N = lab.shape
+    b_, m_, nh = shp
+    rows = mask.all(dim=0).all(dim=0)
+    if not bool((mask.any(dim=0).any(dim=0) == rows).all()):
+        return "partial"
+    idx = rows.nonzero().flatten()
+    off, cnt = int(idx[0]), int(idx.numel())
+    rel = lab - lo
+    j, m, b = rel % nh, (rel // nh) % m_, rel // (nh * m_)
+    hh = torch.arange(H).view(1, H, 1).expand(B, H, N)
+    bb = torch.arange(B).view(B, 1, 1).expand(B, H, N)
+    nn_ = torch.arange(N).view(1, 1, N).expand(B, H, N)
+    ok = (cnt == m_ and int(idx[-1]) - off + 1 == cnt and b_ == B
+          and bool((j[mask] == hh[mask]).all()) and bool((b[mask] == bb[mask]).all())
+          and bool((m[mask] == nn_[mask] - off).all()))
+    return (off, cnt) if ok else None
+
+
+def _prove_kv(fl: _Flow, k: fx.Node, v: fx.Node, sdpa: fx.Node, dims) -> tuple[list[Projection], list[str]]:
+    """Returns ``(K and V projections, notes)``. Each linear feeding K (V) is proven on its own: its
+    labels must reach K (V) whole tokens at a time, row ``n - row_offset`` to kv token ``n`` and column
+    block ``h`` to head ``h``; its ``H*D`` columns must all go to K (V) and nowhere else (a fused QKV or
+    KV linear stays dense); and nothing off the K (V) path may read it (``_escapes``). K (V) elements
+    that come from no linear (``OFF``) are allowed; mixed tokens/heads (``POISON``) are not."""
+    B, H, N, D, Nkv = dims
+    projections: list[Projection] = []
+    notes: list[str] = []
+    fused_noted: set[fx.Node] = set()
+    for role, x in (("k", k), ("v", v)):
+        name, others = role.upper(), [r for r in ("q", "k", "v") if r != role]
+        if not fl.srcs[role]:
+            blocked = fl.blocked[role]
+            why = f" (the way up is blocked by {', '.join(sorted(set(blocked)))})" if blocked else ""
+            notes.append(f"GEMM-KV: no linear projection found above {name}{why}")
+            continue
+        lab4 = fl.run.labels(x)
+        problems = "; ".join(f"{site_name(p)}: {why}" for p, why in fl.run.problems.items() if p in fl.paths[role])
+        if lab4 is None or tuple(lab4.shape) != (B, H, Nkv, D):
+            notes.append(f"GEMM-KV: could not follow {name} from its projection ({problems or 'unknown shapes'})")
+            continue
+        lab = lab4[..., 0]
+        if not bool((lab4 == lab[..., None]).all()) or bool(((lab == POISON) | (lab == UNDEF)).any()):
+            bad = "tokens/heads are mixed" if bool((lab == POISON).any()) else \
+                "part of it is never written" if bool((lab == UNDEF).any()) else "head dims are mixed"
+            notes.append(f"GEMM-KV: {name} is not head-local ({bad}{': ' + problems if problems else ''})")
+            continue
+        for L in fl.srcs[role]:
+            shared = [r.upper() for r in others if L in fl.srcs[r]]
+            if shared:
+                if L not in fused_noted:
+                    fused_noted.add(L)
+                    feeds = "/".join(r for r in "QKV" if r in shared + [name])
+                    notes.append(f"GEMM-KV: {L.name} feeds {feeds} together (a fused projection): left dense")
+                continue
+            lo, hi, shp = fl.info[L]
+            mask = (lab >= lo) & (lab < hi)
+            cols = _static(tensor_meta(L).shape)
+            if shp is None or cols is None or cols[-1] != H * D:
+                notes.append(f"GEMM-KV: projection {L.name} is not [B, M, H*D] = [{B}, M, {H * D}]")
+                continue
+            if not bool(mask.any()):
+                notes.append(f"GEMM-KV: {L.name} does not reach {name}")
+                continue
+            span = _row_map(lab, mask, lo, shp)
+            if span is None or span == "partial":
+                notes.append(f"GEMM-KV: rows/heads of {L.name} do not map one-to-one onto {name} tokens/heads")
+                continue
+            leak = _escapes(L, fl.paths[role], sdpa)
+            if leak:
+                notes.append(f"GEMM-KV: output of {L.name} is also read by {leak}")
+                continue
+            projections.append(Projection(L, span[0], span[1], H * D, role))
+    return projections, notes
 
 
 def _segments_from(lab: torch.Tensor, info: dict) -> list[tuple[int, int, fx.Node]]:
@@ -244,13 +340,14 @@ def _segments_from(lab: torch.Tensor, info: dict) -> list[tuple[int, int, fx.Nod
     return segs
 
 
-def _escapes(L: fx.Node, path: set) -> Optional[str]:
-    """Name of a node outside ``path`` that reads ``L``'s output (directly or through path nodes)."""
+def _escapes(L: fx.Node, path: set, sdpa: fx.Node) -> Optional[str]:
+    """Name of a node outside ``path`` that reads ``L``'s output (directly or through path nodes).
+    ``sdpa``, the site's attention call, is the path's end; another attention call reading it escapes."""
     todo, seen = [L], {L}
     while todo:
         x = todo.pop()
         for u in value_users(x):
-            if is_sdpa(u):
+            if u is sdpa:
                 continue
             if u not in path:
                 return f"{u.name} ({op_name(u) or u.op})"
@@ -368,10 +465,15 @@ def _match(n: fx.Node, cfg: FlashOmniConfig):
     B, H, Nq, D, Nkv = dims
     q, k, v = a["query"], a["key"], a["value"]
     notes: list[str] = []
-    q_proj, segs, qnotes, seen, srcs = _prove_q(q, k, v, dims)
+    fl = _trace(q, k, v, D)
+    q_proj, segs, qnotes, seen, srcs = _prove_q(fl, q, k, v, n, dims)
     if not cfg.fuse_gemm_q and q_proj:
         q_proj, qnotes = [], ["GEMM-Q: disabled by fuse_gemm_q=False"]
     notes += qnotes
+    kv_proj, kvnotes = _prove_kv(fl, k, v, n, dims)
+    if not cfg.fuse_gemm_kv and kv_proj:
+        kv_proj, kvnotes = [], ["GEMM-KV: disabled by fuse_gemm_kv=False"]
+    notes += kvnotes
     o_proj, onotes, single = _prove_o(n, dims)
     if not cfg.fuse_gemm_o and o_proj:
         o_proj, onotes = [], ["GEMM-O: disabled by fuse_gemm_o=False"]
@@ -413,4 +515,4 @@ def _match(n: fx.Node, cfg: FlashOmniConfig):
     scale = float(a["scale"]) if a["scale"] is not None else 1.0 / math.sqrt(D)
     return AttentionSite(sdpa=n, name=name, kind=kind, heads=H, head_dim=D, seq_q=Nq, seq_kv=Nkv, batch=B,
                          scale=scale, anchor=anchor, key_padding=kp, text_len=text_len, text_first=text_first,
-                         q_proj=q_proj, o_proj=o_proj, notes=notes, norms=seen)
+                         q_proj=q_proj, kv_proj=kv_proj, o_proj=o_proj, notes=notes, norms=seen)

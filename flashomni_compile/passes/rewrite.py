@@ -5,6 +5,7 @@ Per site: register its ``SiteSpec`` (the index the ops carry), then
 * ``sdpa(q, k, v, attn_mask=m)`` -> ``site_attention(q, k, v, key_padding_mask, site, anchor, scale)``,
   where ``key_padding_mask = m.reshape(Bm, Nkv).expand(B, Nkv)`` (the mask before broadcasting);
 * each proven Q projection ``linear(x, W, b)`` -> ``site_linear_q(x, W, b, site, anchor, row_offset, sparse_cols)``;
+* each proven K or V projection ``linear(x, W, b)`` -> ``site_linear_kv(x, W, b, site, anchor, row_offset)``;
 * each proven output projection ``linear(a, W, b)`` -> ``site_linear_o(a, W, b, None, None, site, anchor,
   row_offset)``, and ``linear(cat([a, mlp], -1), W, b)`` -> ``site_linear_o(a, W[:, :H*D], b, mlp,
   W[:, H*D:], ...)`` in single-stream blocks.
@@ -65,6 +66,9 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[AttentionSite], config: FlashO
         for p in s.q_proj:
             x, w, b = linear_args(p.node)
             _replace(g, p.node, torch.ops.flashomni.site_linear_q.default, (x, w, b, idx, s.anchor, p.row_offset, p.sparse_cols))
+        for p in s.kv_proj:
+            x, w, b = linear_args(p.node)
+            _replace(g, p.node, torch.ops.flashomni.site_linear_kv.default, (x, w, b, idx, s.anchor, p.row_offset))
         hd = s.heads * s.head_dim
         for o in s.o_proj:
             x, w, b = linear_args(o.node)

@@ -3,8 +3,8 @@
 Steps are host-side ints. Two sources:
 
 * **Counted** (default): each layer counts its own passes. A pass begins at the first site call
-  (``linear_q``, else ``attention``) after the layer's previous attention call, so no global
-  "forward started" signal is needed and every layer of a reused compiled block counts separately.
+  (``linear_q`` or ``linear_kv``, else ``attention``) after the layer's previous attention call, so no
+  global "forward started" signal is needed and every layer of a reused compiled block counts separately.
   When ``total_steps`` is known, the count wraps at it, so back-to-back generations need nothing more.
   With classifier-free guidance run as **one batch** (B = 2) a step is one pass: nothing to do. With
   CFG as **two forward calls** per step, each call counts as a step: use ``set_step`` (below), or

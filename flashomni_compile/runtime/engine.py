@@ -7,6 +7,8 @@ Contract (kept by every version of this file):
   ``site_attention`` promises that layout).
 * ``linear_q(site, anchor, x, weight, bias, row_offset, sparse_cols) -> y``: the Q (or fused QKV)
   projection ``[B, M, N]``; rows ``row_offset ...`` of the joint sequence.
+* ``linear_kv(site, anchor, x, weight, bias, row_offset) -> y``: a K or V projection ``[B, M, H*D]``
+  (head ``h`` at columns ``h*D ...``); rows ``row_offset ...`` of the key/value sequence.
 * ``linear_o(site, anchor, a, weight, bias, row_offset, extra, extra_weight) -> y``: the output
   projection of the attention output ``a [B, M, H*D]`` (plus a dense ``extra`` K-range for
   single-stream blocks).
@@ -15,19 +17,23 @@ Contract (kept by every version of this file):
 differs per layer at run time (its ``data_ptr`` keys the per-layer state).
 No host syncs and no data-dependent allocation on dispatch steps.
 
-Per layer and step the calls come as ``linear_q`` (0..n calls, one per stream) -> ``attention`` ->
-``linear_o`` (0..n calls). The controller (``controller.begin_pass``) fixes the pass's step and kind at
-its first call:
+Per layer and step the calls come as ``linear_q`` / ``linear_kv`` (0..n calls each, one per stream and
+tensor, in any order) -> ``attention`` -> ``linear_o`` (0..n calls). The controller
+(``controller.begin_pass``) fixes the pass's step and kind at its first call (the first ``linear_q`` or
+``linear_kv`` after the layer's previous ``attention``, else ``attention``), so a pass counts one step
+whatever the order of its projections:
 
-* **update** (plan): ``linear_q`` dense; ``attention`` runs dense SDPA (with ``sparse_updates``, a
-  scheduled refresh runs the sparse kernel on the kv-block lists in force, every q-block computed),
-  pools Q/K per block, asks the policy and the symbol hooks for new symbols, stores them in place with
-  their kv-block lists, and refreshes the feature cache's Taylor terms; ``linear_o`` projects each Taylor
-  term's cached heads once (``out_proj_cache``) and returns ``C0 + projection of the computed heads``,
-  i.e. the dense projection of the attention output.
-* **dispatch** (run): ``linear_q`` computes only the kept (q-block, head) tiles; ``attention`` runs the
-  sparse kernel on the stored lists, cached q-blocks taking ``cache(t)`` (the kernel evaluates the
-  Taylor series from the cache's terms, for the cached rows only); ``linear_o`` reduces over the computed heads only, on top of
+* **update** (plan): ``linear_q`` and ``linear_kv`` dense; ``attention`` runs dense SDPA (with
+  ``sparse_updates``, a scheduled refresh runs the sparse kernel on the kv-block lists in force, every
+  q-block computed), pools Q/K per block, asks the policy and the symbol hooks for new symbols, stores
+  them in place with their kv-block lists and ``kv_need``, and refreshes the feature cache's Taylor
+  terms; ``linear_o`` projects each Taylor term's cached heads once (``out_proj_cache``) and returns
+  ``C0 + projection of the computed heads``, i.e. the dense projection of the attention output.
+* **dispatch** (run): ``linear_q`` computes only the kept (q-block, head) tiles; ``linear_kv`` only the
+  (kv-block, head) tiles some computed q-block attends to (``BranchState.kv_need``, the GEMM-Q kernel
+  gated per kv-block; the others are zeros, never read); ``attention`` runs the sparse kernel on the
+  stored lists, cached q-blocks taking ``cache(t)`` (the kernel evaluates the Taylor series from the
+  cache's terms, for the cached rows only); ``linear_o`` reduces over the computed heads only, on top of
   ``C(t) = C0 + delta C1 + delta^2/2 C2``. Nothing reads device data on the host; the only
   allocations are the ops' fixed-shape outputs.
 
@@ -53,7 +59,8 @@ from .policies import DensePolicy, PolicyContext, get_policy, pooled_scores
 from .spec import SiteSpec, get_site
 from .state import _STATES, DISPATCH, UPDATE, BranchState, LayerState, layer_state, reset_state
 
-__all__ = ["attention", "linear_q", "linear_o", "reset", "set_runtime_options", "runtime_options_override"]
+__all__ = ["attention", "linear_q", "linear_kv", "linear_o", "reset", "set_runtime_options",
+           "runtime_options_override"]
 
 
 def _bnhd(out: Tensor) -> Tensor:
@@ -198,8 +205,17 @@ def _sparse_gemm_pays(st: LayerState, x: Tensor, n: int) -> bool:
     return B * M * K * n >= st.options.sparse_gemm_min_macs
 
 
+def _projection_pass(st: LayerState, x: Tensor):
+    """The pass a projection call (``linear_q`` / ``linear_kv``) belongs to: the first projection after the
+    layer's previous ``attention`` begins it, the others (and ``attention``) join it."""
+    if st.attn_done:
+        begin_pass(st, (x.shape[0], x.dtype, x.device))
+        st.attn_done = False
+    return st.current
+
+
 # ---------------------------------------------------------------------------------------------------
-# The three site functions
+# The site functions
 # ---------------------------------------------------------------------------------------------------
 def linear_q(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
              row_offset: int, sparse_cols: int) -> Tensor:
@@ -207,14 +223,30 @@ def linear_q(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optiona
     if st is None:
         return F.linear(x, weight, bias)
     t0 = _start(st, x.device)
-    if st.attn_done:
-        begin_pass(st, (x.shape[0], x.dtype, x.device))
-        st.attn_done = False
-    p = st.current
+    p = _projection_pass(st, x)
     br = p.branch
     if p.kind == DISPATCH and br.q_sparse and _sparse_gemm_pays(st, x, sparse_cols):
         y = sparse_linear_q_op(x, weight, bias, br.symbols.q_keep, st.spec.head_dim, row_offset,
                                br.symbols.block_q, sparse_cols)
+    else:
+        y = F.linear(x, weight, bias)
+    _timed(st, p.kind, t0, x.device)
+    return y
+
+
+def linear_kv(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+              row_offset: int) -> Tensor:
+    """K or V projection: at dispatch steps (with sparse q) the GEMM-Q kernel computes only the tiles
+    (rows of kv-block ``j``, head ``h``) with ``kv_need[b, h, j]``, zeros elsewhere; dense otherwise."""
+    st = _state(site, anchor)
+    if st is None:
+        return F.linear(x, weight, bias)
+    t0 = _start(st, x.device)
+    p = _projection_pass(st, x)
+    br = p.branch
+    cols = st.spec.heads * st.spec.head_dim
+    if p.kind == DISPATCH and br.q_sparse and _sparse_gemm_pays(st, x, cols):
+        y = sparse_linear_q_op(x, weight, bias, br.kv_need, st.spec.head_dim, row_offset, br.symbols.block_kv, cols)
     else:
         y = F.linear(x, weight, bias)
     _timed(st, p.kind, t0, x.device)
@@ -227,7 +259,7 @@ def attention(site: int, anchor: Tensor, q: Tensor, k: Tensor, v: Tensor,
     if st is None:
         return _dense_attention(q, k, v, key_padding_mask, scale)
     t0 = _start(st, q.device)
-    if st.attn_done:       # no linear_q in this site (or it was not fused): the pass begins here
+    if st.attn_done:       # no linear_q / linear_kv in this site (none fused): the pass begins here
         begin_pass(st, (q.shape[0], q.dtype, q.device))
     p = st.current
     if p.kind == UPDATE:
@@ -365,7 +397,7 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
     if not caches_q:  # no cache to take rows from (policy never caches, or over the memory cap)
         sym = SparseSymbols(torch.ones_like(sym.q_keep), sym.kv_keep, Nq, Nkv, bq, bkv)
 
-    br.store_symbols(sym)
+    br.store_symbols(sym, kv_sparse=skips_kv)
     br.signature = signature
     br.q_sparse, br.kv_sparse = caches_q, skips_kv
     if br.cache is not None:

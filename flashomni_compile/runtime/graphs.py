@@ -84,8 +84,8 @@ def _save(st: LayerState) -> tuple:
         c = b.cache
         cs = None if c is None else (c, c.order, list(c.terms), c.updates, c.last_step, c.extrap,
                                      {k: list(v) for k, v in c.out_terms.items()}, dict(c.out_buf))
-        brs.append((b, b.signature, b.symbols, b.kv_count, b.kv_index, b.last_update, b.q_sparse, b.kv_sparse,
-                    None if b.symbols is None else getattr(b.symbols, "_lists", None), cs))
+        brs.append((b, b.signature, b.symbols, b.kv_count, b.kv_index, b.kv_need, b.last_update, b.q_sparse,
+                    b.kv_sparse, None if b.symbols is None else getattr(b.symbols, "_lists", None), cs))
     return (st.attn_done, st.counted_step, st.explicit_step, st.branch_index, cur, brs,
             st.stats.cache_bytes, st.stats.cache_order)
 
@@ -95,8 +95,8 @@ def _load(st: LayerState, saved: tuple) -> None:
      st.stats.cache_bytes, st.stats.cache_order) = saved
     st.current = None if cur is None else Pass(*cur)
     st.branches = [b for b, *_ in brs]
-    for (b, b.signature, b.symbols, b.kv_count, b.kv_index, b.last_update, b.q_sparse, b.kv_sparse,
-         lists, cs) in brs:
+    for (b, b.signature, b.symbols, b.kv_count, b.kv_index, b.kv_need, b.last_update, b.q_sparse,
+         b.kv_sparse, lists, cs) in brs:
         if b.symbols is not None and lists is not None:
             b.symbols._lists = lists
         b.cache = None if cs is None else cs[0]

@@ -29,7 +29,7 @@ class SiteSpec:
         text_first: whether the text tokens come first in the joint sequence (Flux, SD3) or last
             (HunyuanVideo); ignored when ``text_len == 0``.
         grid: the token grid ``(frames, height, width)`` of the image/video tokens when known.
-        pieces: which pieces were fused: a subset of ``("gemm_q", "attention", "gemm_o")``.
+        pieces: which pieces were fused: a subset of ``("gemm_q", "gemm_kv", "attention", "gemm_o")``.
         options: the run-time options of the compile call that found the site (policy, schedule,
             feature-cache order, symbol hook, ...): a ``runtime.options.RuntimeOptions`` or ``None``
             (dense).

@@ -7,8 +7,8 @@ the device tensors of one *branch*: normally one; with classifier-free guidance 
 calls per step and the step set explicitly (``set_step``), the second call of a step is branch 1, so
 the conditional and unconditional passes keep separate symbols and caches.
 
-Device tensors (``q_keep``, ``kv_keep``, ``kv_count``, ``kv_index``, the cache terms) are allocated at a
-branch's first update and overwritten in place by later updates; dispatch steps only read them.
+Device tensors (``q_keep``, ``kv_keep``, ``kv_count``, ``kv_index``, ``kv_need``, the cache terms) are
+allocated at a branch's first update and overwritten in place by later updates; dispatch steps only read them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..symbols import SparseSymbols, kv_block_lists
+from ..symbols import kv_need as kv_need_of
 from .cache import FeatureCache
 from .options import RuntimeOptions
 from .spec import SiteSpec
@@ -39,17 +40,22 @@ class BranchState:
     symbols: Optional[SparseSymbols] = None  # persistent q_keep / kv_keep
     kv_count: Optional[Tensor] = None
     kv_index: Optional[Tensor] = None
+    kv_need: Optional[Tensor] = None         # [B, H, NKB]: kv-blocks a dispatch step reads (GEMM-KV's gate)
     cache: Optional[FeatureCache] = None     # None: this branch does not cache (q-blocks all computed)
     last_update: Optional[int] = None        # step of the last update (host int)
     q_sparse: bool = False                   # host flags fixed at the last update: which kernels to run
     kv_sparse: bool = False
 
-    def store_symbols(self, sym: SparseSymbols) -> None:
-        """Copy ``sym`` into the persistent tensors (allocated the first time) and rebuild the lists.
+    def store_symbols(self, sym: SparseSymbols, kv_sparse: bool = True) -> None:
+        """Copy ``sym`` into the persistent tensors (allocated the first time) and rebuild the lists and
+        ``kv_need``.
 
         The lists are ``kv_block_lists(kv_keep)``, written straight into the persistent tensors: the count
         by a reduction with ``out=``, the index by one stable sort of the negated mask viewed as uint8
-        (no conversion pass) and one cast-copy, instead of fresh tensors copied over."""
+        (no conversion pass) and one cast-copy, instead of fresh tensors copied over. ``kv_need`` is
+        ``symbols.kv_need(q_keep, kv_keep, kv_sparse)``, written with ``out=``: ``kv_sparse`` says whether
+        dispatch steps run attention on the kv-block lists (else every computed q-block reads every
+        kv-block, and a head needs all its kv-blocks as soon as one of its q-blocks is computed)."""
         cur = self.symbols
         if cur is None or cur.q_keep.shape != sym.q_keep.shape or cur.kv_keep.shape != sym.kv_keep.shape \
                 or cur.q_keep.device != sym.q_keep.device:
@@ -57,6 +63,7 @@ class BranchState:
             self.symbols = SparseSymbols(sym.q_keep.clone(), sym.kv_keep.clone(), sym.seq_q, sym.seq_kv,
                                          sym.block_q, sym.block_kv)
             self.kv_count, self.kv_index = count, index          # fresh tensors of kv_block_lists: owned
+            self.kv_need = kv_need_of(self.symbols.q_keep, self.symbols.kv_keep, kv_sparse)
         else:
             if sym.q_keep is not cur.q_keep:
                 cur.q_keep.copy_(sym.q_keep)
@@ -65,11 +72,13 @@ class BranchState:
             kv = cur.kv_keep
             torch.sum(kv, dim=-1, dtype=torch.int32, out=self.kv_count)
             self.kv_index.copy_(torch.sort(torch.logical_not(kv).view(torch.uint8), dim=-1, stable=True).indices)
+            kv_need_of(cur.q_keep, kv, kv_sparse, out=self.kv_need)
         self.symbols._lists = (self.kv_count, self.kv_index)
 
     def tensors(self) -> list[Tensor]:
         """Every persistent device tensor (tests check that dispatch steps replace none)."""
-        ts = [] if self.symbols is None else [self.symbols.q_keep, self.symbols.kv_keep, self.kv_count, self.kv_index]
+        ts = [] if self.symbols is None else [self.symbols.q_keep, self.symbols.kv_keep, self.kv_count, self.kv_index,
+                                              self.kv_need]
         return ts + ([] if self.cache is None else self.cache.tensors())
 
 
@@ -95,6 +104,7 @@ class LayerState:
     branches: list[BranchState] = field(default_factory=list)
     stats: LayerStats = None
     # pass tracking (host ints): a pass begins at the first site call after the attention call
+    # (``linear_q`` or ``linear_kv``, whichever comes first in the graph, else ``attention``)
     attn_done: bool = True
     counted_step: int = -1
     explicit_step: Optional[int] = None
