@@ -496,22 +496,26 @@ def test_cache_cap_lowers_order(cap_mb, order):
 
 
 def test_cache_order_fits_free_memory(monkeypatch):
-    """cache_min_free: the order is chosen at the first update from the free memory, and then kept."""
+    """cache_min_free: order 0 at the first update if it fits, the final order at the second (from the free
+    memory plus the buffers held), then kept."""
     from flashomni_compile.runtime import engine
 
     mib = 2**20
     total = 100 * mib                       # reserve 10% = 10 MiB; orders need 0.39 / 0.98 / 1.37 MiB
-    free = {"now": 11.0 * mib}              # 1 MiB above the reserve: order 1
+    free = {"now": 10.8 * mib}              # 0.8 MiB above the reserve: order 0 now, 0.8 + 0.39 -> order 1
     monkeypatch.setattr(engine, "_device_memory", lambda device: (free["now"], total))
     site = make_site(dict(SPARSE, taylor_order=2, warmup=3))
     L = Layer.random()
+    orders = []
     for step in range(STEPS):
-        if step == 1:
+        if step == 2:
             free["now"] = 1000.0 * mib      # memory freed later: the order stays what it was
         tr = forward(site, L, inputs(step))
         assert rel(tr.y, dense_forward_o(L, tr.a, True)) < TOL64
+        orders.append(_state(site, L)[1].cache.order)
     st, br = _state(site, L)
-    assert br.cache.order == 1 and st.stats.cache_bytes <= 1.0 * mib
+    assert orders[:3] == [0, 1, 1] and br.cache.order == 1 and st.stats.cache_bytes <= 1.0 * mib
+    assert br.cache.active_order == 1       # the raised cache formed D1 from the first update's D0
 
     engine.reset()
     free["now"] = 10.2 * mib                # 0.2 MiB above the reserve: not even order 0 fits
@@ -532,6 +536,33 @@ def test_cache_order_fits_free_memory(monkeypatch):
     site = make_site(dict(SPARSE, taylor_order=2, warmup=3, cache_min_free=None))   # no check
     _kinds(site, L, STEPS)
     assert _state(site, L)[1].cache.order == 2
+
+
+def test_cache_memory_plan_keeps_every_layer_cached(monkeypatch):
+    """Two layers and room for both order-0 caches plus one order-1 upgrade: the first layer must not take
+    order 2 at its first update and leave the second without a cache (what a first-come choice did on
+    full-size HunyuanVideo); the raised layer's dispatch steps use its first-order term."""
+    from flashomni_compile.runtime import engine
+
+    mib = 2**20
+    total = 100 * mib                       # reserve 10 MiB; one layer's orders: 0.39 / 0.98 / 1.37 MiB
+    room = 1.5 * mib                        # first-come: 1.37 + 0.13 left (< 0.39): the second gets none
+
+    def memory(device):                     # free memory falls as the caches take it
+        held = sum(engine._cache_bytes(st) for st in engine._STATES.values())
+        return 10 * mib + room - held, total
+
+    monkeypatch.setattr(engine, "_device_memory", memory)
+    site = make_site(dict(SPARSE, taylor_order=2, warmup=3))
+    layers = [Layer.random(), Layer.random()]
+    for step in range(STEPS):
+        for L in layers:
+            tr = forward(site, L, inputs(step))
+            assert rel(tr.y, dense_forward_o(L, tr.a, True)) < TOL64
+    caches = [_state(site, L)[1].cache for L in layers]
+    assert [c.order for c in caches] == [1, 0]
+    assert [c.active_order for c in caches] == [1, 0]
+    assert sum(engine._cache_bytes(_state(site, L)[0]) for L in layers) <= room
 
 
 def test_site_overrides_apply_by_name():

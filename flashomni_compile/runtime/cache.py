@@ -80,6 +80,7 @@ class FeatureCache:
         self.extrap: Optional[Tensor] = None     # cache(t) for order > 0, allocated by the first ``at``
         self.out_terms: dict[int, list[Tensor]] = {}   # row_offset -> C0..C_order   [B, M, NO]
         self.out_buf: dict[int, Tensor] = {}           # row_offset -> C(t)        [B, M, NO]
+        self.planned = False                     # the engine's memory plan has set the final order
 
     # -- update step ------------------------------------------------------------------------------
     @property
@@ -91,6 +92,16 @@ class FeatureCache:
         """Forget the history (a new generation started); buffers are kept for reuse."""
         self.updates = 0
         self.last_step = None
+
+    def raise_order(self, order: int) -> None:
+        """Keep up to ``order`` terms from now on (a cache begun at a lower order: the engine plans memory
+        in two phases). The new feature terms are allocated here, the GEMM-O terms at the next
+        ``project``; the history (``D0``, the update count) stays, so the next update forms ``D1``."""
+        if order <= self.order:
+            return
+        if self.terms:
+            self.terms += [_bnhd_empty(self.terms[0]) for _ in range(order - self.order)]
+        self.order = order
 
     def update(self, out: Tensor, step: int, diff: Optional[Tensor] = None) -> None:
         """Refresh the terms from this update's dense output ``out [B, H, N, D]`` at ``step``.

@@ -319,6 +319,32 @@ def _device_memory(device: torch.device) -> Optional[tuple[int, int]]:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
 
 
+def _cache_order(br: BranchState, want: int, opts: RuntimeOptions, device: torch.device, term: int,
+                 out_term: int) -> int:
+    """The feature-cache order of ``br`` at this update (-1: no cache); ``want`` is what the options and
+    ``cache_cap_mb`` allow. Without a memory check (``cache_min_free=None``, or off CUDA) it is ``want``.
+
+    With it, memory is planned in two phases, so that a model whose caches do not all fit degrades evenly
+    instead of its last layers losing theirs (full-size HunyuanVideo at order 1: 13 of 60 layers did, when
+    each layer took the highest order that fitted at its first update): at a branch's first update it takes
+    order 0 if that fits (else no cache, asked again at the next update); at its second update, when every
+    layer of the model has taken its order-0 buffers, it rises towards ``want`` as far as the free memory
+    (plus the buffers it holds) allows. After that the order stays (``FeatureCache.planned``): one driver
+    query per branch and phase, none at dispatch steps."""
+    cache = br.cache
+    if cache is not None and (cache.planned or cache.order >= want):
+        return min(want, cache.order)
+    mem = None if opts.cache_min_free is None else _device_memory(device)
+    if mem is None:
+        return want if cache is None else cache.order
+    available, capacity = mem
+    room = available - opts.cache_min_free * capacity
+    if cache is None:
+        return order_within_cap(0, room, term, out_term)
+    cache.planned = True
+    return max(cache.order, order_within_cap(want, room + cache.nbytes(), term, out_term))
+
+
 def _cache_bytes(st: LayerState) -> int:
     return sum(b.cache.nbytes() for b in st.branches if b.cache is not None)
 
@@ -363,16 +389,13 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
         out_term = B * Nq * H * D * esize if "gemm_o" in spec.pieces else 0
         cap = None if opts.cache_cap_mb is None else opts.cache_cap_mb * 2**20
         order = order_within_cap(opts.taylor_order, cap, term, out_term)
-        if br.cache is not None:
-            order = min(order, br.cache.order)   # fixed at the branch's first update, when memory was checked
-        elif order >= 0 and opts.cache_min_free is not None:
-            mem = _device_memory(q.device)
-            if mem is not None:
-                available, capacity = mem
-                order = order_within_cap(order, available - opts.cache_min_free * capacity, term, out_term)
+        if order >= 0:
+            order = _cache_order(br, order, opts, q.device, term, out_term)
         caches_q = order >= 0
-        if caches_q and (br.cache is None or br.cache.order != order):
+        if caches_q and (br.cache is None or order < br.cache.order):
             br.cache = FeatureCache(order)
+        elif caches_q and order > br.cache.order:
+            br.cache.raise_order(order)
     if not caches_q:
         br.cache = None
 

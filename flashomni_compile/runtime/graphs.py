@@ -69,7 +69,7 @@ def _ptrs(st: LayerState) -> tuple:
 def _decision(st: LayerState) -> tuple:
     """Everything of ``st`` that the engine's host logic branches on, plus its buffers' addresses."""
     brs = tuple((b.signature, b.symbols is None, b.last_update, b.q_sparse, b.kv_sparse,
-                 None if b.cache is None else (b.cache.order, b.cache.updates, b.cache.last_step,
+                 None if b.cache is None else (b.cache.order, b.cache.planned, b.cache.updates, b.cache.last_step,
                                                tuple(sorted(b.cache.out_terms))))
                 for b in st.branches)
     return (st.attn_done, st.counted_step, st.explicit_step, st.branch_index, brs, _ptrs(st))

@@ -62,10 +62,12 @@ class RuntimeOptions:
         cache_cap_mb: cap on the feature cache + GEMM-O cache of one layer, in MiB; over the cap the
             order is lowered, and below order 0 the layer does not cache (q-blocks all computed).
         cache_min_free: fraction of the device's memory the feature caches leave free (CUDA only).
-            At a layer's first update its order is lowered until its buffers fit in the memory that
-            is free (driver plus PyTorch's unused reserve) minus this fraction; the order then stays.
-            Default 0.1: full-size HunyuanVideo (33.5K tokens, ~1 GB of order-1 cache per layer beside
-            26 GB of weights) degrades layer by layer instead of running out of memory. None: no check.
+            Two phases: at a layer's first update it takes order 0 if that fits in the memory that is
+            free (driver plus PyTorch's unused reserve) minus this fraction; at its second update, when
+            every layer holds its order-0 buffers, it rises towards ``taylor_order`` as far as the rest
+            allows; the order then stays. Default 0.1: full-size HunyuanVideo (33.5K tokens, ~1 GB of
+            order-1 cache per layer beside 26 GB of weights) keeps order 0 everywhere and order 1 where it
+            fits instead of running out of memory. None: no check.
         symbol_hook: ``fn(spec, step, scores, symbols) -> SparseSymbols | None`` called at update steps
             after the policy (see ``hooks.py``).
         site_overrides: ``{pattern: {option: value}}``; ``pattern`` is matched (fnmatch) against the
