@@ -217,40 +217,41 @@ def _projection_pass(st: LayerState, x: Tensor):
 # ---------------------------------------------------------------------------------------------------
 # The site functions
 # ---------------------------------------------------------------------------------------------------
-def linear_q(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-             row_offset: int, sparse_cols: int) -> Tensor:
+def _gated_projection(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      row_offset: int, cols: int, gate) -> Tensor:
+    """``linear(x, weight, bias)``, at dispatch steps (with sparse q) on the GEMM-Q kernel: output tile
+    (rows of block ``j``, head ``h``) computed iff ``gate_tensor[b, h, j]``, zeros elsewhere, where
+    ``gate(br) -> (gate_tensor, block)``; the first ``cols`` columns are gated, the rest dense."""
     st = _state(site, anchor)
     if st is None:
         return F.linear(x, weight, bias)
     t0 = _start(st, x.device)
     p = _projection_pass(st, x)
     br = p.branch
-    if p.kind == DISPATCH and br.q_sparse and _sparse_gemm_pays(st, x, sparse_cols):
-        y = sparse_linear_q_op(x, weight, bias, br.symbols.q_keep, st.spec.head_dim, row_offset,
-                               br.symbols.block_q, sparse_cols)
+    if p.kind == DISPATCH and br.q_sparse and _sparse_gemm_pays(st, x, cols):
+        keep, block = gate(br)
+        y = sparse_linear_q_op(x, weight, bias, keep, st.spec.head_dim, row_offset, block, cols)
     else:
         y = F.linear(x, weight, bias)
     _timed(st, p.kind, t0, x.device)
     return y
+
+
+def linear_q(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+             row_offset: int, sparse_cols: int) -> Tensor:
+    """Q (or fused QKV) projection: at dispatch steps only the kept (q-block, head) tiles of the first
+    ``sparse_cols`` columns are computed."""
+    return _gated_projection(site, anchor, x, weight, bias, row_offset, sparse_cols,
+                             lambda br: (br.symbols.q_keep, br.symbols.block_q))
 
 
 def linear_kv(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
               row_offset: int) -> Tensor:
-    """K or V projection: at dispatch steps (with sparse q) the GEMM-Q kernel computes only the tiles
-    (rows of kv-block ``j``, head ``h``) with ``kv_need[b, h, j]``, zeros elsewhere; dense otherwise."""
-    st = _state(site, anchor)
-    if st is None:
-        return F.linear(x, weight, bias)
-    t0 = _start(st, x.device)
-    p = _projection_pass(st, x)
-    br = p.branch
-    cols = st.spec.heads * st.spec.head_dim
-    if p.kind == DISPATCH and br.q_sparse and _sparse_gemm_pays(st, x, cols):
-        y = sparse_linear_q_op(x, weight, bias, br.kv_need, st.spec.head_dim, row_offset, br.symbols.block_kv, cols)
-    else:
-        y = F.linear(x, weight, bias)
-    _timed(st, p.kind, t0, x.device)
-    return y
+    """K or V projection: at dispatch steps (with sparse q) only the tiles (rows of kv-block ``j``, head
+    ``h``) with ``kv_need[b, h, j]`` are computed, zeros elsewhere; dense otherwise."""
+    spec = get_site(site)
+    return _gated_projection(site, anchor, x, weight, bias, row_offset, spec.heads * spec.head_dim,
+                             lambda br: (br.kv_need, br.symbols.block_kv))
 
 
 def attention(site: int, anchor: Tensor, q: Tensor, k: Tensor, v: Tensor,
