@@ -193,14 +193,18 @@ def _trace(site_q: fx.Node, k: fx.Node, v: fx.Node, D: int) -> _Flow:
     return _Flow(paths, srcs, blocked, info, run)
 
 
+def _no_linear_note(piece: str, tensor: str, blocked: list) -> str:
+    """The note for an SDPA input with no linear above it (``blocked``: the ops the walk up stopped at)."""
+    why = f" (the way up is blocked by {', '.join(sorted(set(blocked)))})" if blocked else ""
+    return f"{piece}: no linear projection found above {tensor}{why}"
+
+
 def _prove_q(fl: _Flow, site_q: fx.Node, k: fx.Node, v: fx.Node, sdpa: fx.Node, dims) -> tuple[list[Projection], list[tuple[int, int, fx.Node]], list[str], tuple[str, ...], dict]:
     """Returns ``(projections, segments, notes, seen, sources)``; segments: (row_offset, rows, linear)."""
     B, H, N, D, Nkv = dims
     paths, srcs, info, run = fl.paths, fl.srcs, fl.info, fl.run
     if not srcs["q"]:
-        blocked = fl.blocked["q"]
-        why = f" (the way up is blocked by {', '.join(sorted(set(blocked)))})" if blocked else ""
-        return [], [], [f"GEMM-Q: no linear projection found above Q{why}"], (), srcs
+        return [], [], [_no_linear_note("GEMM-Q", "Q", fl.blocked["q"])], (), srcs
     seen = tuple(sorted({s for s, names in (("qk_norm", ("rms_norm", "layer_norm", "rsqrt")),
                                                ("rope", ("setitem", "neg")))
                          if any(op_name(p) in names for p in paths["q"])}))
@@ -286,9 +290,7 @@ def _prove_kv(fl: _Flow, k: fx.Node, v: fx.Node, sdpa: fx.Node, dims) -> tuple[l
     for role, x in (("k", k), ("v", v)):
         name, others = role.upper(), [r for r in ("q", "k", "v") if r != role]
         if not fl.srcs[role]:
-            blocked = fl.blocked[role]
-            why = f" (the way up is blocked by {', '.join(sorted(set(blocked)))})" if blocked else ""
-            notes.append(f"GEMM-KV: no linear projection found above {name}{why}")
+            notes.append(_no_linear_note("GEMM-KV", name, fl.blocked[role]))
             continue
         lab4 = fl.run.labels(x)
         problems = "; ".join(f"{site_name(p)}: {why}" for p, why in fl.run.problems.items() if p in fl.paths[role])

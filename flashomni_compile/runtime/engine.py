@@ -218,16 +218,19 @@ def _projection_pass(st: LayerState, x: Tensor):
 # The site functions
 # ---------------------------------------------------------------------------------------------------
 def _gated_projection(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                      row_offset: int, cols: int, gate) -> Tensor:
+                      row_offset: int, cols: Optional[int], gate) -> Tensor:
     """``linear(x, weight, bias)``, at dispatch steps (with sparse q) on the GEMM-Q kernel: output tile
     (rows of block ``j``, head ``h``) computed iff ``gate_tensor[b, h, j]``, zeros elsewhere, where
-    ``gate(br) -> (gate_tensor, block)``; the first ``cols`` columns are gated, the rest dense."""
+    ``gate(br) -> (gate_tensor, block)``; the first ``cols`` columns are gated (None: the site's
+    ``H*D``), the rest dense."""
     st = _state(site, anchor)
     if st is None:
         return F.linear(x, weight, bias)
     t0 = _start(st, x.device)
     p = _projection_pass(st, x)
     br = p.branch
+    if cols is None:
+        cols = st.spec.heads * st.spec.head_dim
     if p.kind == DISPATCH and br.q_sparse and _sparse_gemm_pays(st, x, cols):
         keep, block = gate(br)
         y = sparse_linear_q_op(x, weight, bias, keep, st.spec.head_dim, row_offset, block, cols)
@@ -249,8 +252,7 @@ def linear_kv(site: int, anchor: Tensor, x: Tensor, weight: Tensor, bias: Option
               row_offset: int) -> Tensor:
     """K or V projection: at dispatch steps (with sparse q) only the tiles (rows of kv-block ``j``, head
     ``h``) with ``kv_need[b, h, j]`` are computed, zeros elsewhere; dense otherwise."""
-    spec = get_site(site)
-    return _gated_projection(site, anchor, x, weight, bias, row_offset, spec.heads * spec.head_dim,
+    return _gated_projection(site, anchor, x, weight, bias, row_offset, None,
                              lambda br: (br.kv_need, br.symbols.block_kv))
 
 
