@@ -57,6 +57,11 @@ VARIANTS = {
     "64x128_w4_s2": KernelConfig(64, 128, 4, 2),
     "tma_128x128_w8_s3": KernelConfig(128, 128, 8, 3, tma=True),
     "tma_64x64_w4_s3": KernelConfig(64, 64, 4, 3, tma=True),
+    # Hopper Gluon kernel (attention_sm90.py): P in registers / through shared memory, K ring of 3 / 2
+    "gluon": KernelConfig(128, 128, 8, 3, gluon=True),
+    "gluon_psmem": KernelConfig(128, 128, 8, 3, gluon=True, p_smem=True),
+    "gluon_psmem_k2": KernelConfig(128, 128, 8, 3, gluon=True, p_smem=True, k_stages=2),
+    "gluon_k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2),
 }
 
 
@@ -215,6 +220,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="N=16384, kv density {1, 0.25}, q density {1, 0.5}")
     ap.add_argument("--variants", action="store_true", help="compare kernel launch variants (ours only)")
     ap.add_argument("--n", type=str, default=None, help="comma-separated sequence lengths")
+    ap.add_argument("--only", type=str, default=None, help="with --variants: comma-separated variant names")
     ap.add_argument("--heads", type=int, default=24)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--out", type=str, default=None, help="JSON path (default: results/attention_h100.json, "
@@ -251,8 +257,12 @@ def main(argv=None):
                 case = (N, kv_d, q_d, frac, ref, flops_dense)
                 if args.variants:
                     for name, cfg in VARIANTS.items():
+                        if args.only and name not in args.only.split(","):
+                            continue
                         records.append(run_case(f"flashomni[{name}]", lambda: ours(
                             q, k, v, q_keep_arg, kv_keep_arg, cache, scale, config=cfg), *case, poison=True))
+                    if dense and device == "cuda":
+                        records.append(run_case("sdpa_cudnn", lambda: sdpa(q, k, v, "cudnn"), *case))
                     if kv_d == 1.0:
                         records.append(run_case("flashomni[table,dense_lists]", lambda: ours(
                             q, k, v, q_keep_arg, None, cache, scale, dense_lists=True), *case, poison=True))

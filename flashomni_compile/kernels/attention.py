@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..symbols import expand_kv_keep
+from . import attention_sm90
 from .launch import capability, cdiv, launch, next_power_of_2
 
 try:  # host-side TMA descriptors (triton >= 3.4); the pointer path never needs them
@@ -267,6 +268,12 @@ class KernelConfig:
     num_stages: int
     list_stages: Optional[int] = None
     tma: bool = False
+    # Hopper only: take the Gluon kernel (``attention_sm90.py``) when the call qualifies
+    # (``attention_sm90.supports``); ``p_smem`` / ``k_stages`` are its variants (P through shared memory,
+    # depth of the K ring).
+    gluon: bool = False
+    p_smem: bool = False
+    k_stages: int = 3
 
     def stages(self, lists: bool) -> int:
         if not lists:
@@ -359,6 +366,12 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         block_m, block_n = min(block_m, 64), min(block_n, 64 if block_d <= 128 else 32)
         stages = masked_stages = 2
     out, lse = empty_output(q, v)
+    terms = cache_terms(cache, cache1, cache2)
+    if cfg.gluon and attention_sm90.supports(q, k, v, block_q, block_kv):
+        attention_sm90.sparse_attention_sm90(q, k, v, q_keep, kv_count, kv_index, kv_full, cache, cache1, cache2,
+                                             terms, key_padding_mask, scale, cache_delta, out, lse, launch,
+                                             p_smem=cfg.p_smem, k_stages=cfg.k_stages)
+        return out, lse
     use_tma = cfg.tma and q.is_cuda and _tma_ok(k) and _tma_ok(v)
     if use_tma:
         desc_k = TensorDescriptor.from_tensor(k, [1, 1, block_n, block_d])
@@ -373,7 +386,6 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if kv_full is not None and kv_full.stride() != kv_count.stride():
         raise AssertionError("kv_full must share kv_count's strides (the kernel reads both with them)")
     cache_ = cache if cache is not None else q
-    terms = cache_terms(cache, cache1, cache2)
     c1_ = cache1 if terms > 1 else q
     c2_ = cache2 if terms > 2 else q
     kpm_ = key_padding_mask if key_padding_mask is not None else q

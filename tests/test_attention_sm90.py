@@ -1,0 +1,121 @@
+"""The Hopper Gluon attention kernel (``kernels/attention_sm90.py``).
+
+Gluon has no interpreter, so on CPU machines (CI) the kernel is only compiled for sm_90 (a subprocess
+with a stub driver, ``sm90_compile_check.py``): every variant must compile on the installed triton without
+register spills and within Hopper's 227 KB of shared memory. On a Hopper GPU it runs against the float64
+reference twin with fresh random inputs and NaN-poisoned outputs: partial blocks, empty rows, all-cached
+and all-dense symbols, key padding, Taylor cache terms, both head dims, both 2-byte dtypes, both layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REL_TOL, rel_err
+from flashomni_compile.kernels import attention, attention_sm90
+from flashomni_compile.kernels.attention import KernelConfig, sparse_attention_ref, sparse_attention_triton
+from flashomni_compile.symbols import kv_block_lists, num_blocks
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+GLUON = KernelConfig(128, 128, 8, 3, gluon=True)
+SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KB)
+
+
+@pytest.mark.skipif(not attention_sm90.AVAILABLE, reason="this triton has no Gluon")
+def test_compiles_for_sm90_without_spills():
+    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
+    env.pop("TRITON_INTERPRET", None)   # compile for the (stub) GPU target, not the interpreter
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile_check.py"))],
+                         capture_output=True, text=True, env=env, timeout=900)
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert run.returncode == 0 and rows, f"compile check failed:\n{run.stderr[-3000:]}"
+    assert len(rows) == 2 * len({r["variant"] for r in rows})
+    for r in rows:
+        assert r["spill"] == 0, f"register spill: {r}"
+        assert r["shared"] <= SMEM_LIMIT, f"over sm_90's shared memory: {r}"
+
+
+def test_supports_declines_what_the_kernel_does_not_cover():
+    x = torch.zeros(1, 2, 256, 128)
+    assert not attention_sm90.supports(x, x, x, 128, 128)   # CPU (and fp32)
+    if HOPPER:
+        y = torch.zeros(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
+        assert attention_sm90.supports(y, y, y, 128, 128)
+        assert not attention_sm90.supports(y, y, y, 64, 128)              # symbol blocks other than 128
+        z = torch.zeros(1, 2, 256, 72, device="cuda", dtype=torch.bfloat16)
+        assert not attention_sm90.supports(z, z, z, 128, 128)             # head dim 72
+        assert not attention_sm90.supports(y.float(), y.float(), y.float(), 128, 128)
+
+
+# (Nq, Nkv, D, dtype, kv density, q density, layout, key padding, Taylor terms)
+CASES = [
+    (1024, 1024, 128, torch.bfloat16, 1.0, 1.0, "bnhd", False, 0),   # dense, no lists
+    (1000, 1000, 128, torch.bfloat16, 0.5, 0.6, "bnhd", False, 1),   # partial last blocks, cache copy
+    (640, 1000, 64, torch.float16, 0.4, 1.0, "bhnd", True, 0),       # Nq != Nkv, key padding
+    (1000, 1000, 64, torch.bfloat16, 0.7, 0.5, "bnhd", True, 3),     # padding + lists + 3 Taylor terms
+    (520, 520, 128, torch.float16, 0.0, 1.0, "bhnd", False, 0),      # every row empty -> zeros
+    (520, 520, 128, torch.bfloat16, 0.5, 0.0, "bnhd", False, 2),     # every q-block cached
+]
+
+
+@pytest.mark.skipif(not (HOPPER and attention_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms", CASES)
+def test_matches_reference(Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms, monkeypatch):
+    seed = random.SystemRandom().randrange(2 ** 31)
+    g = torch.Generator("cuda").manual_seed(seed)
+    B, H = 2, 3
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+    if layout == "bnhd":
+        q, k, v = (rnd(B, n, H, D).transpose(1, 2) for n in (Nq, Nkv, Nkv))
+    else:
+        q, k, v = (rnd(B, H, n, D) for n in (Nq, Nkv, Nkv))
+    nqb, nkb = num_blocks(Nq, 128), num_blocks(Nkv, 128)
+    q_keep = torch.rand(B, H, nqb, generator=g, device="cuda") < q_d
+    kv_keep = torch.rand(B, H, nqb, nkb, generator=g, device="cuda") < kv_d
+    if 0 < kv_d < 1:
+        kv_keep[0, 0, 0] = False                               # one empty row of blocks
+    caches = [rnd(B, H, Nq, D) for _ in range(max(terms, 1))]
+    cache, c1, c2 = (caches + [None, None])[:3] if terms else (None, None, None)
+    if cache is None:
+        q_keep[:] = True
+    kpm = torch.rand(B, Nkv, generator=g, device="cuda") < 0.8 if padded else None
+    if padded:
+        kpm[1, :] = False                                       # batch 1: every key padded
+    cnt, idx = kv_block_lists(kv_keep) if kv_d < 1 else (None, None)
+    scale, delta = 1.0 / math.sqrt(D), 0.7
+
+    real = attention.empty_output
+    monkeypatch.setattr(attention, "empty_output",
+                        lambda q_, v_: tuple(t.fill_(float("nan")) for t in real(q_, v_)))
+    launched = []
+    real_launch = attention_sm90.sparse_attention_sm90
+    monkeypatch.setattr(attention_sm90, "sparse_attention_sm90",
+                        lambda *a, **kw: launched.append(1) or real_launch(*a, **kw))
+    out, lse = sparse_attention_triton(q, k, v, q_keep if cache is not None else None, cnt, idx, cache, kpm,
+                                       scale, 128, 128, c1, c2, delta, config=GLUON)
+    assert launched, "the Gluon kernel did not run"
+    ref_out, ref_lse = sparse_attention_ref(q.double(), k.double(), v.double(),
+                                            q_keep if cache is not None else None, cnt, idx,
+                                            None if cache is None else cache.double(), kpm, scale, 128, 128,
+                                            None if c1 is None else c1.double(),
+                                            None if c2 is None else c2.double(), delta)
+    err = rel_err(out, ref_out) if ref_out.abs().max() > 0 else float(out.abs().max())
+    assert err < REL_TOL[dtype], f"rel err {err:.2e} (seed {seed})"
+    assert not torch.isnan(lse).any(), f"lse holds NaN (seed {seed})"
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), f"-inf pattern of lse (seed {seed})"
+    fin = torch.isfinite(ref_lse)
+    if fin.any():
+        assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-2, f"lse (seed {seed})"
+
