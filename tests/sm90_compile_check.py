@@ -7,6 +7,7 @@ of the kernel's real shapes and strides. Run in a subprocess by ``test_attention
 replaces triton's active driver for the whole process.
 """
 
+import itertools
 import json
 import re
 import subprocess
@@ -51,25 +52,27 @@ VARIANTS = {"dense": (False, False, False, False), "lists": (True, True, False, 
 def main() -> None:
     driver.set_active(_Sm90())
     H = 2
-    for D in G._HEAD_DIMS:
-        for name, (partial, lists, cached, kpm) in VARIANTS.items():
-            N = 512 + (40 if partial else 0)
-            q = torch.empty(1, N, H, D, dtype=torch.bfloat16).transpose(1, 2)
-            k, v, out = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
-            lse = torch.empty(1, H, N)
-            nb = (N + 127) // 128
-            cnt = torch.empty(1, H, nb, dtype=torch.int32) if lists else None
-            idx = torch.empty(1, H, nb, nb, dtype=torch.int32) if lists else None
-            q_keep = torch.empty(1, H, nb, dtype=torch.bool) if cached else None
-            cache = torch.empty_like(q) if cached else None
-            mask = torch.empty(1, N, dtype=torch.bool) if kpm else None
-            full = torch.empty(1, H, nb, dtype=torch.int32) if kpm and lists else None
-            built = []
-            G.sparse_attention_sm90(q, k, v, q_keep, cnt, idx, full, cache, cache, None, 2 if cached else 0,
-                                    mask, 0.1, 0.5, out, lse,
-                                    lambda kern, grid, *a, **kw: built.append(kern.warmup(*a, grid=grid, **kw)))
-            regs, spill = usage(built[-1])
-            print(json.dumps(dict(variant=name, D=D, regs=regs, spill=spill, shared=built[-1].metadata.shared)))
+    cases = itertools.product(G._HEAD_DIMS, (2, 3), VARIANTS.items())
+    for D, stages, (name, (partial, lists, cached, kpm)) in cases:
+        N = 512 + (40 if partial else 0)
+        q = torch.empty(1, N, H, D, dtype=torch.bfloat16).transpose(1, 2)
+        k, v, out = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+        lse = torch.empty(1, H, N)
+        nb = (N + 127) // 128
+        cnt = torch.empty(1, H, nb, dtype=torch.int32) if lists else None
+        idx = torch.empty(1, H, nb, nb, dtype=torch.int32) if lists else None
+        q_keep = torch.empty(1, H, nb, dtype=torch.bool) if cached else None
+        cache = torch.empty_like(q) if cached else None
+        mask = torch.empty(1, N, dtype=torch.bool) if kpm else None
+        full = torch.empty(1, H, nb, dtype=torch.int32) if kpm and lists else None
+        built = []
+        G.sparse_attention_sm90(q, k, v, q_keep, cnt, idx, full, cache, cache, None, 2 if cached else 0,
+                                mask, 0.1, 0.5, out, lse,
+                                lambda kern, grid, *a, **kw: built.append(kern.warmup(*a, grid=grid, **kw)),
+                                k_stages=stages)
+        regs, spill = usage(built[-1])
+        print(json.dumps(dict(variant=f"{name}_k{stages}", D=D, regs=regs, spill=spill,
+                              shared=built[-1].metadata.shared)))
     sys.stdout.flush()
 
 

@@ -26,7 +26,7 @@ from flashomni_compile.kernels.attention import KernelConfig, sparse_attention_r
 from flashomni_compile.symbols import kv_block_lists, num_blocks
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-GLUON = KernelConfig(128, 128, 8, 3, gluon=True)
+GLUON = {"k3": KernelConfig(128, 128, 8, 3, gluon=True), "k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2)}
 SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KB)
 
 
@@ -34,6 +34,8 @@ SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 K
 def test_compiles_for_sm90_without_spills():
     env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
     env.pop("TRITON_INTERPRET", None)   # compile for the (stub) GPU target, not the interpreter
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile_check.py"))],
                          capture_output=True, text=True, env=env, timeout=900)
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -68,8 +70,9 @@ CASES = [
 
 
 @pytest.mark.skipif(not (HOPPER and attention_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("variant", sorted(GLUON))
 @pytest.mark.parametrize("Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms", CASES)
-def test_matches_reference(Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms, monkeypatch):
+def test_matches_reference(Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms, variant, monkeypatch):
     seed = random.SystemRandom().randrange(2 ** 31)
     g = torch.Generator("cuda").manual_seed(seed)
     B, H = 2, 3
@@ -104,7 +107,7 @@ def test_matches_reference(Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms, 
     monkeypatch.setattr(attention_sm90, "sparse_attention_sm90",
                         lambda *a, **kw: launched.append(1) or real_launch(*a, **kw))
     out, lse = sparse_attention_triton(q, k, v, q_keep if cache is not None else None, cnt, idx, cache, kpm,
-                                       scale, 128, 128, c1, c2, delta, config=GLUON)
+                                       scale, 128, 128, c1, c2, delta, config=GLUON[variant])
     assert launched, "the Gluon kernel did not run"
     ref_out, ref_lse = sparse_attention_ref(q.double(), k.double(), v.double(),
                                             q_keep if cache is not None else None, cnt, idx,

@@ -268,11 +268,10 @@ class KernelConfig:
     num_stages: int
     list_stages: Optional[int] = None
     tma: bool = False
-    # Hopper only: take the Gluon kernel (``attention_sm90.py``) when the call qualifies
-    # (``attention_sm90.supports``); ``p_smem`` / ``k_stages`` are its variants (P through shared memory,
-    # depth of the K ring).
+    # Hopper only: the warp-specialised Gluon kernel (``attention_sm90.py``) when the call qualifies
+    # (``attention_sm90.supports``; from the table also only for long kv sequences, see GLUON_MIN_NKV);
+    # ``k_stages`` is the depth of its K ring. The other fields then do not apply.
     gluon: bool = False
-    p_smem: bool = False
     k_stages: int = 3
 
     def stages(self, lists: bool) -> int:
@@ -290,7 +289,7 @@ _TABLE = {
     ("sm90", 16): KernelConfig(128, 128, 8, 3),
     ("sm90", 32): KernelConfig(128, 128, 8, 3),   # 4 warps spilled 120 B/thread (ptxas, triton 3.6)
     ("sm90", 64): KernelConfig(128, 64, 8, 3),    # 3.84 ms vs 4.34 for 128x128 (N=16384, H=24, H100)
-    ("sm90", 128): KernelConfig(128, 128, 8, 3),
+    ("sm90", 128): KernelConfig(128, 128, 8, 3, gluon=True),
     ("sm90", 256): KernelConfig(128, 32, 8, 2),   # 128x64 spilled 56 B/thread (ptxas, triton 3.6)
     ("sm80", 16): KernelConfig(128, 64, 4, 3),
     ("sm80", 32): KernelConfig(128, 64, 4, 3),
@@ -299,6 +298,11 @@ _TABLE = {
     ("sm80", 256): KernelConfig(64, 32, 8, 2),
 }
 _INTERP = KernelConfig(64, 64, 4, 1)
+# The table's Gluon entries apply from this many keys on. H200, D=128, H=24 (benchmarks/NOTES.md):
+# at N=16384 the Gluon kernel took 6.29-6.34 ms against 6.69 dense and 1.69 vs 1.74 ms at kv density
+# 0.25; at N=4608 it tied dense (0.545 vs 0.550 ms) and lost sparse (0.180 vs 0.168 ms at 0.25: a row
+# then keeps 9 tiles, too few to amortise the partitions' start).
+GLUON_MIN_NKV = 8192
 
 
 def _arch(device: torch.device) -> str:
@@ -367,10 +371,11 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         stages = masked_stages = 2
     out, lse = empty_output(q, v)
     terms = cache_terms(cache, cache1, cache2)
-    if cfg.gluon and attention_sm90.supports(q, k, v, block_q, block_kv):
+    if cfg.gluon and (config is not None or Nkv >= GLUON_MIN_NKV) and attention_sm90.supports(
+            q, k, v, block_q, block_kv):
         attention_sm90.sparse_attention_sm90(q, k, v, q_keep, kv_count, kv_index, kv_full, cache, cache1, cache2,
                                              terms, key_padding_mask, scale, cache_delta, out, lse, launch,
-                                             p_smem=cfg.p_smem, k_stages=cfg.k_stages)
+                                             k_stages=cfg.k_stages)
         return out, lse
     use_tma = cfg.tma and q.is_cuda and _tma_ok(k) and _tma_ok(v)
     if use_tma:

@@ -1,48 +1,49 @@
-"""Sparse-symbol attention for Hopper (sm_90) in Gluon: the dense and sparse forward with the softmax of
-one kv tile overlapped with the PV product of the previous one.
+"""Sparse-symbol attention for Hopper (sm_90) in Gluon, warp-specialised: a loader warp and two
+independent consumer warpgroups.
 
 Same contract as ``attention.sparse_attention_triton`` (DESIGN.md section 2; formula in
 ``attention.py``'s docstring), for the common case only: 2-byte dtypes, head dim 64 or 128, symbol blocks
-of 128 x 128, K/V (and Q) addressable by TMA. ``supports`` says whether a call qualifies; the launcher in
+of 128 x 128, q/k/v addressable by TMA. ``supports`` says whether a call qualifies; the launcher in
 ``attention.py`` falls back to the Triton kernel otherwise, so callers never see the difference.
 
-Why a second kernel. The Triton kernel waits for every QK^T product right after issuing it (Triton's
-WGMMA pipeliner keeps a dot asynchronous only if its result feeds nothing but other dots, rule 3 in
-``WGMMAPipeline.cpp``), so in each warpgroup the exp2 work and the tensor cores take turns: 0.78-0.82x
-cuDNN on an H100 (benchmarks/NOTES.md). Gluon exposes ``warpgroup_mma`` / ``warpgroup_mma_wait`` with an
-explicit count of products left in flight, which allows the schedule of FlashAttention-3's intra-warpgroup
-pipelining (Shah et al., 2024, section 3.2) without warp specialisation::
+Why a second kernel. In the Triton kernel both warpgroups of a CTA wait at a CTA barrier every kv tile
+(the cp.async ring needs one before a stage is refilled), so they run in step: while one does its exp2
+work the tensor cores idle, since the other is doing the same. 0.78-0.82x cuDNN on an H100, 0.81x on
+an H200 (benchmarks/NOTES.md). Here each CTA of 128 query rows has three partitions (``gl.warp_specialize``):
 
-    S_0 = Q K_0^T; P_0 = softmax part of S_0
-    for j = 1 .. n-1:
-        issue S_j = Q K_j^T              (async)
-        issue O  += P_{j-1} V_{j-1}      (async)
-        wait until one product is left   -> S_j is ready, the PV product still runs
-        softmax of S_j (max, exp2, row sums)   <- overlaps the PV product on the tensor cores
-        wait for the PV product; one CTA barrier (K_{j-1}, V_{j-1} buffers free); issue TMA for
-        K_{j+2} and V_{j+1}; O *= alpha_j; P_j = bf16(p_j)
-    O += P_{n-1} V_{n-1}
+* ``_ws_loader`` (1 warp): Q's two 64-row halves once, then for each kept kv tile ``t`` K_t and V_t by
+  TMA into rings of ``K_STAGES`` / ``V_STAGES`` buffers, waiting on each stage's *empty* mbarrier;
+* ``_ws_consumer`` x 2 (4 warps each, 64 rows each, FlashAttention-2 order): wait K_t *ready*,
+  S = Q K_t^T, wait (this also retires PV_{t-1}), signal K_t and V_{t-1} *empty*, online softmax,
+  O *= alpha, wait V_t *ready*, issue O += P V_t asynchronously.
 
-Shared memory (D=128): Q 32 KB, K 3 x 32 KB, V 2 x 32 KB = 192 KB: K is needed one iteration before V of
-the same tile, so it gets the deeper ring.
+No CTA barrier ties the consumers, so one's softmax runs beside the other's products, as in
+FlashAttention-3's inter-warpgroup overlap (Shah et al., 2024, section 3.1; no explicit ping-pong here).
+H200, N=16384, D=128: 6.29-6.34 ms vs 6.69 for the Triton kernel, 0.86x cuDNN.
 
-Notation: program (pid_m, pid_bh) owns BLOCK_M = 128 query rows of one (b, h); BLOCK_N = 128 keys per
-tile, one tile per kv symbol block; D = HEAD_DIM. ``t`` counts the tiles a program visits (its list
-entries); ``kb`` is a tile's kv-block index. Constexpr flags as in ``attention.py``: HAS_QKEEP,
-HAS_LISTS, HAS_KPM (key padding mask; with lists the blocks holding masked keys come last, KVFULL
-counts the others; without lists every tile is masked), EVEN_KV (no partial last kv-block),
-CACHE_TERMS (Taylor terms of the cached rows).
+Tried and dropped (NOTES.md): FA3's intra-warpgroup pipelining (QK^T of tile t+1 issued before the
+softmax of tile t, ``warpgroup_mma_wait(num_outstanding=1)``) without warp specialisation: ptxas placed the
+full wait before the first write to a register the in-flight products had touched, so the softmax did not
+overlap; 1% slower than the Triton kernel.
+
+Notation: program (pid_m, pid_bh) owns BLOCK_M = 128 query rows of one (b, h), 64 per consumer (HALF);
+BLOCK_N = 128 keys per tile, one tile per kv symbol block; D = HEAD_DIM. ``t`` counts the tiles a program
+visits (its list entries). Constexpr flags as in ``attention.py``: HAS_QKEEP, HAS_LISTS, HAS_KPM (key
+padding mask; with lists the blocks holding masked keys come last and KVFULL counts the others; without
+lists every tile is masked), EVEN_KV (no partial last kv-block), CACHE_TERMS (Taylor terms of the cached
+rows). mbarrier phases: a stage's n-th use waits phase ``n & 1`` (ready) and ``(n & 1) ^ 1`` (empty: a
+fresh barrier counts as having completed phase 1, so the first fill does not wait).
 
 Not run by the Triton interpreter (Gluon has none): CPU tests compile it for sm_90 and check its
-resources; the GPU self-check (``benchmarks/bench_attention.py --selfcheck``) compares it with the
-reference twin.
+resources (``tests/sm90_compile_check.py``); on a Hopper GPU ``tests/test_attention_sm90.py`` compares it
+with the reference twin.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
+
+from .launch import capability
 
 try:  # Gluon (triton >= 3.5); without it every call takes the Triton kernel
     from triton.experimental import gluon
@@ -52,7 +53,6 @@ try:  # Gluon (triton >= 3.5); without it every call takes the Triton kernel
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     # The TMA load was renamed between the two triton versions this runs on (3.6: the long name).
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     _LN2 = gl.constexpr(0.6931471805599453)    # lse = log2-sum * ln(2)
 except ImportError:  # pragma: no cover - older triton
     gluon = None
@@ -64,14 +64,13 @@ BLOCK_M = 128
 BLOCK_N = 128
 K_STAGES = 3
 V_STAGES = 2
-NUM_WARPS = 8
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (64, 128)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_kv: int) -> bool:
     """Whether ``sparse_attention_sm90`` takes this call (else the Triton kernel does)."""
-    if not AVAILABLE or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if not AVAILABLE or not q.is_cuda or capability(q.device)[0] != 9:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
         return False
@@ -137,232 +136,204 @@ if AVAILABLE:
             kb = t
         return kb * BLOCK_N
 
+    # Partitions (module docstring). Stages are handed over with mbarriers: ready (loader -> consumers,
+    # TMA byte count) and empty (consumers -> loader, one arrive per consumer partition).
     @gluon.jit
-    def _sparse_attn_fwd_sm90(desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, QKEEP, KVCOUNT,
-                              KVINDEX, KVFULL, KPM,
-                              stride_ob, stride_oh, stride_on, stride_od,
-                              stride_lb, stride_lh, stride_ln,
-                              stride_cb, stride_ch, stride_cn, stride_cd,
-                              stride_keep_b, stride_keep_h, stride_keep_q,
-                              stride_cnt_b, stride_cnt_h, stride_cnt_q,
-                              stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_j,
-                              stride_kpm_b, stride_kpm_n,
-                              H, Nq, Nkv, NKB, qk_scale, cache_c1, cache_c2,
-                              HEAD_DIM: gl.constexpr, HAS_QKEEP: gl.constexpr, HAS_LISTS: gl.constexpr,
-                              HAS_KPM: gl.constexpr, EVEN_KV: gl.constexpr, CACHE_TERMS: gl.constexpr,
-                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_SMEM: gl.constexpr,
-                              num_warps: gl.constexpr):
-        pid_m = gl.program_id(0)
-        pid_bh = gl.program_id(1).to(gl.int64)   # int64 before any stride product
-        off_b = pid_bh // H
-        off_h = pid_bh % H
-        row0 = pid_m * BLOCK_M
+    def _ws_consumer(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
+                     CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+                     V_STAGES: gl.constexpr, HALF: gl.constexpr):
+        (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, IDX, strides, keep, n_tiles, n_full,
+         off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
+        (stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
+         stride_cb, stride_ch, stride_cn, stride_cd, stride_idx_j, stride_kpm_n) = strides
+        q_smem, k_smem, v_smem = smem
+        q_bar, k_ready, k_empty, v_ready, v_empty = bars
+        WG_M: gl.constexpr = 64
         dtype: gl.constexpr = desc_k.dtype
-
-        # Two warpgroups, 64 rows each; instr N = full tile width (one wgmma per 16-wide k step).
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        # Output addresses are formed in each branch, next to their stores: a [128, D] tile of int64
-        # offsets live across the whole loop costs 128 registers a thread (ptxas spilled, triton 3.9).
-
-        # Shared memory of the computed branch (allocated up front: Gluon allocations are static).
-        q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bar = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        if P_SMEM:
-            p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N],
-                                               gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
-        if HAS_QKEEP:
-            keep = gl.load(QKEEP + off_b * stride_keep_b + off_h * stride_keep_h + pid_m * stride_keep_q)
-        else:
-            # Always true, but not a constant: with a constant the computed branch is no longer inside
-            # an scf.if, and triton 3.6's lowering to LLVM then fails an assertion (SmallVector index,
-            # ConvertTritonGPUToLLVM) on this kernel; 3.9 compiles either form.
-            keep = (pid_m >= 0).to(gl.int32)
+        row0 = pid_m * (2 * WG_M) + HALF * WG_M
         if keep == 0:
-            # Cached q-block: its rows of the feature cache (Taylor terms summed in fp32, rounded once).
             c_off, io_mask = _tile_offsets(off_b, off_h, row0, Nq, stride_cb, stride_ch, stride_cn, stride_cd,
-                                           o_layout, BLOCK_M, HEAD_DIM)
+                                           o_layout, WG_M, HEAD_DIM)
             c = gl.load(CACHE + c_off, mask=io_mask).to(gl.float32)
             if CACHE_TERMS > 1:
                 c = c + cache_c1 * gl.load(CACHE1 + c_off, mask=io_mask).to(gl.float32)
                 if CACHE_TERMS > 2:
                     c = c + cache_c2 * gl.load(CACHE2 + c_off, mask=io_mask).to(gl.float32)
             o_off, io_mask = _tile_offsets(off_b, off_h, row0, Nq, stride_ob, stride_oh, stride_on, stride_od,
-                                           o_layout, BLOCK_M, HEAD_DIM)
+                                           o_layout, WG_M, HEAD_DIM)
             gl.store(O + o_off, c.to(O.dtype.element_ty), mask=io_mask)
-            offs_m = row0 + gl.arange(0, BLOCK_M, layout=row_o)
+            offs_m = row0 + gl.arange(0, WG_M, layout=row_o)
             gl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln,
-                     gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_o), mask=offs_m < Nq)
+                     gl.full([WG_M], float("-inf"), gl.float32, layout=row_o), mask=offs_m < Nq)
         else:
-            cnt_off = off_b * stride_cnt_b + off_h * stride_cnt_h + pid_m * stride_cnt_q
-            if HAS_LISTS:
-                n_tiles = gl.load(KVCOUNT + cnt_off)
-                IDX = KVINDEX + off_b * stride_idx_b + off_h * stride_idx_h + pid_m * stride_idx_q
-            else:
-                n_tiles = NKB
-                IDX = KVINDEX
-            # Tiles [0, n_full) need no key mask; the rest (the partial last block, blocks holding a
-            # padded key) take the masked softmax.
-            n_full = n_tiles
-            if HAS_KPM:
-                if HAS_LISTS:
-                    n_full = gl.load(KVFULL + cnt_off)
-                else:
-                    n_full = 0
-            elif not EVEN_KV:
-                if HAS_LISTS:
-                    last = gl.load(IDX + gl.maximum(n_tiles - 1, 0) * stride_idx_j)
-                    n_full = n_tiles - ((n_tiles > 0) & (last == NKB - 1)).to(gl.int32)
-                else:
-                    n_full = NKB - 1
-            KPM_b = KPM + off_b * stride_kpm_b
-
-            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+            m_i = gl.full([WG_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([WG_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+            acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, layout=o_layout)
             if n_tiles > 0:
-                mbarrier.init(q_bar, count=1)
-                for i in gl.static_range(K_STAGES):
-                    mbarrier.init(k_bar.index(i), count=1)
-                for i in gl.static_range(V_STAGES):
-                    mbarrier.init(v_bar.index(i), count=1)
-                fence_async_shared()
-                # 2-D views of the [1, 1, rows, D] TMA boxes for the tensor cores (same bytes).
-                smem2d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-                b_h = off_b.to(gl.int32)
-                h_h = off_h.to(gl.int32)
-                kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
-
-                # Prologue: Q, K_0..K_2 and V_0, V_1 in flight.
-                mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
-                _tma_load(desc_q, [b_h, h_h, row0, 0], q_bar, q_smem)
-                for i in gl.static_range(K_STAGES):
-                    if i < n_tiles:
-                        start = _tile_start(i, IDX, stride_idx_j, n_tiles, HAS_LISTS, BLOCK_N)
-                        mbarrier.expect(k_bar.index(i), kv_bytes)
-                        _tma_load(desc_k, [b_h, h_h, start, 0], k_bar.index(i),
-                                                        k_smem.index(i))
-                for i in gl.static_range(V_STAGES):
-                    if i < n_tiles:
-                        start = _tile_start(i, IDX, stride_idx_j, n_tiles, HAS_LISTS, BLOCK_N)
-                        mbarrier.expect(v_bar.index(i), kv_bytes)
-                        _tma_load(desc_v, [b_h, h_h, start, 0], v_bar.index(i),
-                                                        v_smem.index(i))
-                q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
-                mbarrier.wait(q_bar, 0)
-                mbarrier.wait(k_bar.index(0), 0)
-                k2 = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
-                s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-                s = warpgroup_mma(q2, k2.permute((1, 0)), s, use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                start0 = _tile_start(0, IDX, stride_idx_j, n_tiles, HAS_LISTS, BLOCK_N)
-                if n_full > 0:
-                    p, m_i, alpha, l_i = _softmax_tile(s, m_i, l_i, start0, KPM_b, stride_kpm_n, Nkv, qk_scale,
-                                                       s_layout, BLOCK_N, HAS_KPM, False)
-                else:
-                    p, m_i, alpha, l_i = _softmax_tile(s, m_i, l_i, start0, KPM_b, stride_kpm_n, Nkv, qk_scale,
-                                                       s_layout, BLOCK_N, HAS_KPM, True)
-                if P_SMEM:
-                    p_smem.store(p.to(dtype))
-                    fence_async_shared()
-                    _cta_barrier()
-                    p_op = p_smem
-                else:
-                    p_op = gl.convert_layout(p.to(dtype), p_layout)
-                # Index of the tile whose K load is issued next (K_STAGES ahead), carried one step
-                # ahead so its list entry is read before it is needed.
-                for j in range(1, n_tiles):
-                    ks = j % K_STAGES
-                    vs = (j - 1) % V_STAGES
-                    mbarrier.wait(k_bar.index(ks), (j // K_STAGES) & 1)
+                mbarrier.wait(q_bar.index(HALF), 0)
+                q2 = q_smem.index(HALF).reshape([WG_M, HEAD_DIM])
+                s = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
+                for t in range(n_tiles):
+                    ks = t % K_STAGES
+                    mbarrier.wait(k_ready.index(ks), (t // K_STAGES) & 1)
                     k2 = k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM])
                     s = warpgroup_mma(q2, k2.permute((1, 0)), s, use_acc=False, is_async=True)
-                    mbarrier.wait(v_bar.index(vs), ((j - 1) // V_STAGES) & 1)
-                    v2 = v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM])
-                    acc = warpgroup_mma(p_op, v2, acc, is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-                    start_j = _tile_start(j, IDX, stride_idx_j, n_tiles, HAS_LISTS, BLOCK_N)
-                    if j < n_full:
-                        p, m_new, alpha, l_i = _softmax_tile(s, m_i, l_i, start_j, KPM_b, stride_kpm_n, Nkv,
+                    # Waits for this QK^T and the previous tile's PV product (issued last iteration).
+                    s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s, acc))
+                    mbarrier.arrive(k_empty.index(ks), count=1)
+                    if t > 0:
+                        mbarrier.arrive(v_empty.index((t - 1) % V_STAGES), count=1)
+                    start = _tile_start(t, IDX, stride_idx_j, n_tiles, HAS_LISTS, BLOCK_N)
+                    if t < n_full:
+                        p, m_new, alpha, l_i = _softmax_tile(s, m_i, l_i, start, KPM_b, stride_kpm_n, Nkv,
                                                              qk_scale, s_layout, BLOCK_N, HAS_KPM, False)
                     else:
-                        p, m_new, alpha, l_i = _softmax_tile(s, m_i, l_i, start_j, KPM_b, stride_kpm_n, Nkv,
+                        p, m_new, alpha, l_i = _softmax_tile(s, m_i, l_i, start, KPM_b, stride_kpm_n, Nkv,
                                                              qk_scale, s_layout, BLOCK_N, HAS_KPM, True)
-                    # p goes through the wait too: otherwise LLVM sinks the (pure) exp2 work below the
-                    # wait, next to its uses, and the overlap is gone (seen in the sm_90 SASS).
-                    if P_SMEM:
-                        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
-                        p_smem.store(p.to(dtype))
-                        fence_async_shared()
-                    else:
-                        acc, p_op, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op, p))
-                    # Every warp is past QK_{j-1} and PV_{j-1}: K stage of j-1 and V stage of j-1 are free.
-                    _cta_barrier()
-                    tk = j + K_STAGES - 1
-                    if tk < n_tiles:
-                        kst = tk % K_STAGES
-                        start = _tile_start(tk, IDX, stride_idx_j, n_tiles, HAS_LISTS, BLOCK_N)
-                        mbarrier.expect(k_bar.index(kst), kv_bytes)
-                        _tma_load(desc_k, [b_h, h_h, start, 0], k_bar.index(kst),
-                                                        k_smem.index(kst))
-                    tv = j + V_STAGES - 1
-                    if tv < n_tiles:
-                        vst = tv % V_STAGES
-                        start = _tile_start(tv, IDX, stride_idx_j, n_tiles, HAS_LISTS, BLOCK_N)
-                        mbarrier.expect(v_bar.index(vst), kv_bytes)
-                        _tma_load(desc_v, [b_h, h_h, start, 0], v_bar.index(vst),
-                                                        v_smem.index(vst))
                     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-                    if not P_SMEM:
-                        p_op = gl.convert_layout(p.to(dtype), p_layout)
                     m_i = m_new
-                # Last PV product.
-                vs = (n_tiles - 1) % V_STAGES
-                mbarrier.wait(v_bar.index(vs), ((n_tiles - 1) // V_STAGES) & 1)
-                v2 = v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM])
-                acc = warpgroup_mma(p_op, v2, acc, is_async=True)
-                if P_SMEM:
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                else:
-                    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-                mbarrier.invalidate(q_bar)
-                for i in gl.static_range(K_STAGES):
-                    mbarrier.invalidate(k_bar.index(i))
-                for i in gl.static_range(V_STAGES):
-                    mbarrier.invalidate(v_bar.index(i))
-            # Empty rows (no visible key, or no kept block): l = 0, acc = 0 -> out 0, lse -inf.
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                    vs = t % V_STAGES
+                    mbarrier.wait(v_ready.index(vs), (t // V_STAGES) & 1)
+                    v2 = v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM])
+                    acc = warpgroup_mma(p_op, v2, acc, is_async=True)
+                    # Leaves the PV product in flight (it is the only one): the loop carries a tensor,
+                    # which the next iteration's wait (or the one below) makes valid; p_op stays live.
+                    acc, p_op = warpgroup_mma_wait(num_outstanding=1, deps=(acc, p_op))
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(v_empty.index((n_tiles - 1) % V_STAGES), count=1)
             l_o = gl.convert_layout(l_i, row_o)
             m_o = gl.convert_layout(m_i, row_o)
             inv_l = 1.0 / gl.where(l_o == 0.0, 1.0, l_o)
             o_off, io_mask = _tile_offsets(off_b, off_h, row0, Nq, stride_ob, stride_oh, stride_on, stride_od,
-                                           o_layout, BLOCK_M, HEAD_DIM)
+                                           o_layout, WG_M, HEAD_DIM)
             gl.store(O + o_off, (acc * gl.expand_dims(inv_l, 1)).to(O.dtype.element_ty), mask=io_mask)
             lse = gl.where(l_o == 0.0, float("-inf"), (m_o + gl.log2(gl.where(l_o == 0.0, 1.0, l_o))) * _LN2)
-            offs_m = row0 + gl.arange(0, BLOCK_M, layout=row_o)
+            offs_m = row0 + gl.arange(0, WG_M, layout=row_o)
             gl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln, lse, mask=offs_m < Nq)
 
+    @gluon.jit
+    def _ws_loader(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
+                     CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+                     V_STAGES: gl.constexpr, HALF: gl.constexpr):
+        (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, IDX, strides, keep, n_tiles, n_full,
+         off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
+        stride_idx_j = strides[11]
+        q_smem, k_smem, v_smem = smem
+        q_bar, k_ready, k_empty, v_ready, v_empty = bars
+        dtype: gl.constexpr = desc_k.dtype
+        box: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
+        b_h = off_b.to(gl.int32)
+        h_h = off_h.to(gl.int32)
+        if keep != 0:
+            if n_tiles > 0:
+                for i in gl.static_range(2):
+                    mbarrier.expect(q_bar.index(i), box // 2)
+                    _tma_load(desc_q, [b_h, h_h, pid_m * 128 + i * 64, 0], q_bar.index(i), q_smem.index(i))
+                for t in range(n_tiles):
+                    start = _tile_start(t, IDX, stride_idx_j, n_tiles, HAS_LISTS, BLOCK_N)
+                    ks = t % K_STAGES
+                    mbarrier.wait(k_empty.index(ks), ((t // K_STAGES) & 1) ^ 1)
+                    mbarrier.expect(k_ready.index(ks), box)
+                    _tma_load(desc_k, [b_h, h_h, start, 0], k_ready.index(ks), k_smem.index(ks))
+                    vs = t % V_STAGES
+                    mbarrier.wait(v_empty.index(vs), ((t // V_STAGES) & 1) ^ 1)
+                    mbarrier.expect(v_ready.index(vs), box)
+                    _tma_load(desc_v, [b_h, h_h, start, 0], v_ready.index(vs), v_smem.index(vs))
+
+    @gluon.jit
+    def _sparse_attn_fwd_sm90(desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, QKEEP, KVCOUNT,
+                                 KVINDEX, KVFULL, KPM,
+                                 stride_ob, stride_oh, stride_on, stride_od,
+                                 stride_lb, stride_lh, stride_ln,
+                                 stride_cb, stride_ch, stride_cn, stride_cd,
+                                 stride_keep_b, stride_keep_h, stride_keep_q,
+                                 stride_cnt_b, stride_cnt_h, stride_cnt_q,
+                                 stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_j,
+                                 stride_kpm_b, stride_kpm_n,
+                                 H, Nq, Nkv, NKB, qk_scale, cache_c1, cache_c2,
+                                 HEAD_DIM: gl.constexpr, HAS_QKEEP: gl.constexpr, HAS_LISTS: gl.constexpr,
+                                 HAS_KPM: gl.constexpr, EVEN_KV: gl.constexpr, CACHE_TERMS: gl.constexpr,
+                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, num_warps: gl.constexpr):
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1).to(gl.int64)
+        off_b = pid_bh // H
+        off_h = pid_bh % H
+        dtype: gl.constexpr = desc_k.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, 64, HEAD_DIM], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bar.index(i), count=1)
+        for i in gl.static_range(K_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)     # one arrive per consumer warpgroup
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        if HAS_QKEEP:
+            keep = gl.load(QKEEP + off_b * stride_keep_b + off_h * stride_keep_h + pid_m * stride_keep_q)
+        else:
+            # Always true, but not a constant: with a constant, triton 3.6's lowering to LLVM fails an
+            # assertion on this kernel (SmallVector index, ConvertTritonGPUToLLVM); 3.9 takes either.
+            keep = (pid_m >= 0).to(gl.int32)
+        cnt_off = off_b * stride_cnt_b + off_h * stride_cnt_h + pid_m * stride_cnt_q
+        if HAS_LISTS:
+            n_tiles = gl.load(KVCOUNT + cnt_off)
+            IDX = KVINDEX + off_b * stride_idx_b + off_h * stride_idx_h + pid_m * stride_idx_q
+        else:
+            n_tiles = NKB
+            IDX = KVINDEX
+        n_full = n_tiles
+        if HAS_KPM:
+            if HAS_LISTS:
+                n_full = gl.load(KVFULL + cnt_off)
+            else:
+                n_full = 0
+        elif not EVEN_KV:
+            if HAS_LISTS:
+                last = gl.load(IDX + gl.maximum(n_tiles - 1, 0) * stride_idx_j)
+                n_full = n_tiles - ((n_tiles > 0) & (last == NKB - 1)).to(gl.int32)
+            else:
+                n_full = NKB - 1
+        strides = (stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
+                   stride_cb, stride_ch, stride_cn, stride_cd, stride_idx_j, stride_kpm_n)
+        args = (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM + off_b * stride_kpm_b, IDX, strides,
+                keep, n_tiles, n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2,
+                (q_smem, k_smem, v_smem), (q_bar, k_ready, k_empty, v_ready, v_empty))
+        gl.warp_specialize([
+            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
+            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 1)),
+            (_ws_loader, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
+        ], [4, 1], [232, 40])
 
 def sparse_attention_sm90(q, k, v, q_keep, kv_count, kv_index, kv_full, cache, cache1, cache2, terms,
                           key_padding_mask, scale: float, cache_delta: float, out, lse, launch, *,
-                          p_smem: bool = False, k_stages: int = K_STAGES) -> None:
+                          k_stages: int = K_STAGES) -> None:
     """Launch the Gluon kernel into ``out``/``lse`` (allocated by the caller). Arguments are those the
     Triton launcher has prepared (``kv_index``/``kv_full`` already split for a key padding mask)."""
     B, H, Nq, D = q.shape
     Nkv = k.shape[2]
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    box_q, box_kv = [1, 1, BLOCK_M, D], [1, 1, BLOCK_N, D]
+    # Q arrives in two 64-row boxes, one per consumer warpgroup.
+    box_q, box_kv = [1, 1, BLOCK_M // 2, D], [1, 1, BLOCK_N, D]
     desc_q = GluonDescriptor.from_tensor(q, box_q, gl.NVMMASharedLayout.get_default_for(box_q, gdt))
     desc_k = GluonDescriptor.from_tensor(k, box_kv, gl.NVMMASharedLayout.get_default_for(box_kv, gdt))
     desc_v = GluonDescriptor.from_tensor(v, box_kv, gl.NVMMASharedLayout.get_default_for(box_kv, gdt))
+    # Absent optional tensors: q as a never-dereferenced placeholder (constexpr flags gate it).
     qk_, cnt_, idx_ = (q_keep if q_keep is not None else q, kv_count if kv_count is not None else q,
                        kv_index if kv_index is not None else q)
     full_ = kv_full if kv_full is not None else q
@@ -383,6 +354,8 @@ def sparse_attention_sm90(q, k, v, q_keep, kv_count, kv_index, kv_full, cache, c
         float(cache_delta), float(cache_delta) ** 2 / 2.0,
         HEAD_DIM=D, HAS_QKEEP=q_keep is not None, HAS_LISTS=kv_count is not None,
         HAS_KPM=key_padding_mask is not None, EVEN_KV=Nkv % BLOCK_N == 0, CACHE_TERMS=terms,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=V_STAGES, P_SMEM=p_smem,
-        num_warps=NUM_WARPS,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=V_STAGES,
+        # 4 warps here (consumer 0) + 4 (consumer 1) + 1 loader warp (a warpgroup's worth of registers):
+        # 168 a thread on average, which the partitions redistribute to 240 / 232 / 40 (setmaxnreg).
+        num_warps=4, maxnreg=168,
     )
