@@ -333,37 +333,15 @@ def compile_check() -> None:
 
     The launchers run as usual on CPU tensors of the benchmark's widths; each launch becomes
     ``kernel.warmup`` (compile only) under a stub driver that reports an sm_90 target."""
-    import re
-    import subprocess
-    import tempfile
-
     import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
 
-    class _Sm90:   # what JITFunction.run asks the driver before compiling
-        def get_current_device(self):
-            return 0
+    from flashomni_compile.kernels.sm90_compile import resource_usage, sm90_target
 
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    driver.set_active(_Sm90())
     compiled = []
     gemm_o.launch = lambda kernel, grid, *a, **kw: compiled.append(kernel.warmup(*a, grid=grid, **kw))
 
     def usage(kernel) -> tuple[int, int, int]:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                                 capture_output=True, text=True, check=True).stdout
-        regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
-        return int(regs), int(stack), kernel.metadata.shared
+        return (*resource_usage(kernel), kernel.metadata.shared)
 
     print(f"triton {triton.__version__}, sm_90; M=1024, N=3072, K=3072 (+512 extra), block_q=128")
     print(f"{'variant':28s} {'kernel':9s} {'dtype':8s} {'D':>4s} {'regs':>5s} {'spill B':>8s} {'shared B':>9s}")
@@ -381,7 +359,8 @@ def compile_check() -> None:
                     if kname == "c" and name not in C_P_VARIANTS:
                         continue
                     compiled.clear()
-                    run()
+                    with sm90_target():
+                        run()
                     regs, stack, shared = usage(compiled[-1])
                     print(f"{name:28s} {kname:9s} {str(dt)[6:]:8s} {hd:4d} {regs:5d} {stack:8d} {shared:9d}", flush=True)
 

@@ -127,6 +127,18 @@ if AVAILABLE:
         return off, mask
 
     @gluon.jit
+    def _store_rows(O, LSE, out, lse, off_b, off_h, row0, Nq, strides, layout: gl.constexpr,
+                    BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Store a consumer's ``[BLOCK_M, HEAD_DIM]`` output rows (rounded once) and their lse."""
+        (stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln) = (
+            strides[0], strides[1], strides[2], strides[3], strides[4], strides[5], strides[6])
+        o_off, io_mask = _tile_offsets(off_b, off_h, row0, Nq, stride_ob, stride_oh, stride_on, stride_od,
+                                       layout, BLOCK_M, HEAD_DIM)
+        gl.store(O + o_off, out.to(O.dtype.element_ty), mask=io_mask)
+        offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        gl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln, lse, mask=offs_m < Nq)
+
+    @gluon.jit
     def _tile_start(t, IDX, stride_idx, n_tiles, HAS_LISTS: gl.constexpr, BLOCK_N: gl.constexpr):
         """First key of the program's ``t``-th tile (clamped to its last tile)."""
         t = gl.minimum(t, n_tiles - 1)
@@ -144,8 +156,8 @@ if AVAILABLE:
                      V_STAGES: gl.constexpr, HALF: gl.constexpr):
         (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, IDX, strides, keep, n_tiles, n_full,
          off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
-        (stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
-         stride_cb, stride_ch, stride_cn, stride_cd, stride_idx_j, stride_kpm_n) = strides
+        stride_cb, stride_ch, stride_cn, stride_cd = strides[7], strides[8], strides[9], strides[10]
+        stride_idx_j, stride_kpm_n = strides[11], strides[12]
         q_smem, k_smem, v_smem = smem
         q_bar, k_ready, k_empty, v_ready, v_empty = bars
         WG_M: gl.constexpr = 64
@@ -165,12 +177,8 @@ if AVAILABLE:
                 c = c + cache_c1 * gl.load(CACHE1 + c_off, mask=io_mask).to(gl.float32)
                 if CACHE_TERMS > 2:
                     c = c + cache_c2 * gl.load(CACHE2 + c_off, mask=io_mask).to(gl.float32)
-            o_off, io_mask = _tile_offsets(off_b, off_h, row0, Nq, stride_ob, stride_oh, stride_on, stride_od,
-                                           o_layout, WG_M, HEAD_DIM)
-            gl.store(O + o_off, c.to(O.dtype.element_ty), mask=io_mask)
-            offs_m = row0 + gl.arange(0, WG_M, layout=row_o)
-            gl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln,
-                     gl.full([WG_M], float("-inf"), gl.float32, layout=row_o), mask=offs_m < Nq)
+            _store_rows(O, LSE, c, gl.full([WG_M], float("-inf"), gl.float32, layout=row_o), off_b, off_h,
+                        row0, Nq, strides, o_layout, WG_M, HEAD_DIM)
         else:
             m_i = gl.full([WG_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
             l_i = gl.zeros([WG_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -211,17 +219,14 @@ if AVAILABLE:
             l_o = gl.convert_layout(l_i, row_o)
             m_o = gl.convert_layout(m_i, row_o)
             inv_l = 1.0 / gl.where(l_o == 0.0, 1.0, l_o)
-            o_off, io_mask = _tile_offsets(off_b, off_h, row0, Nq, stride_ob, stride_oh, stride_on, stride_od,
-                                           o_layout, WG_M, HEAD_DIM)
-            gl.store(O + o_off, (acc * gl.expand_dims(inv_l, 1)).to(O.dtype.element_ty), mask=io_mask)
             lse = gl.where(l_o == 0.0, float("-inf"), (m_o + gl.log2(gl.where(l_o == 0.0, 1.0, l_o))) * _LN2)
-            offs_m = row0 + gl.arange(0, WG_M, layout=row_o)
-            gl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln, lse, mask=offs_m < Nq)
+            _store_rows(O, LSE, acc * gl.expand_dims(inv_l, 1), lse, off_b, off_h, row0, Nq, strides,
+                        o_layout, WG_M, HEAD_DIM)
 
     @gluon.jit
     def _ws_loader(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
-                     CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                     V_STAGES: gl.constexpr, HALF: gl.constexpr):
+                   CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+                   V_STAGES: gl.constexpr, HALF: gl.constexpr):
         (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, IDX, strides, keep, n_tiles, n_full,
          off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_idx_j = strides[11]
