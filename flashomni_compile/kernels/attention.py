@@ -13,6 +13,8 @@ skipped block costs nothing. Online softmax after FlashAttention-2 (Dao, 2023); 
 
 This file holds, in order: the Triton kernels, the launch table and the launcher
 ``sparse_attention_triton``, and the reference twin ``sparse_attention_ref`` with the same signature.
+On Hopper the launcher hands the calls its table marks (``KernelConfig.gluon``: head dim 128, at least
+``GLUON_MIN_NKV`` keys) to the warp-specialised Gluon kernel of ``attention_sm90.py`` when they qualify.
 Output layout for both: ``out`` has shape ``[B, H, Nq, D]`` and memory order ``[B, Nq, H, D]`` (like
 SDPA's flash path, so the usual ``transpose(1, 2).reshape(B, Nq, H * D)`` that follows is free);
 ``lse`` is float32 ``[B, H, Nq]``.
