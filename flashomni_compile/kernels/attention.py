@@ -22,6 +22,7 @@ SDPA's flash path, so the usual ``transpose(1, 2).reshape(B, Nq, H * D)`` that f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -305,6 +306,8 @@ _INTERP = KernelConfig(64, 64, 4, 1)
 # 0.25; at N=4608 it tied dense (0.545 vs 0.550 ms) and lost sparse (0.180 vs 0.168 ms at 0.25: a row
 # then keeps 9 tiles, too few to amortise the partitions' start).
 GLUON_MIN_NKV = 8192
+# FLASHOMNI_GLUON=0 keeps every call on the Triton kernel (to compare, or to rule the Gluon kernel out).
+_GLUON_ON = os.environ.get("FLASHOMNI_GLUON", "1") != "0"
 
 
 def _arch(device: torch.device) -> str:
@@ -373,7 +376,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         stages = masked_stages = 2
     out, lse = empty_output(q, v)
     terms = cache_terms(cache, cache1, cache2)
-    if cfg.gluon and (config is not None or Nkv >= GLUON_MIN_NKV) and attention_sm90.supports(
+    if cfg.gluon and (config is not None or (_GLUON_ON and Nkv >= GLUON_MIN_NKV)) and attention_sm90.supports(
             q, k, v, block_q, block_kv):
         attention_sm90.sparse_attention_sm90(q, k, v, q_keep, kv_count, kv_index, kv_full, cache, cache1, cache2,
                                              terms, key_padding_mask, scale, cache_delta, out, lse, launch,
