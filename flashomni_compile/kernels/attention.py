@@ -326,9 +326,7 @@ def launch_config(device: torch.device, head_dim: int) -> KernelConfig:
 
 def _tma_ok(t: torch.Tensor) -> bool:
     """TMA needs a unit last stride and 16-byte aligned base and outer strides."""
-    es = t.element_size()
-    return (TensorDescriptor is not None and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all((s * es) % 16 == 0 for s in t.stride()[:-1]))
+    return TensorDescriptor is not None and attention_sm90.tma_ok(t)
 
 
 def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

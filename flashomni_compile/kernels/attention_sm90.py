@@ -78,10 +78,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, bl
         return False
     if block_q != BLOCK_M or block_kv != BLOCK_N:
         return False
-    return all(_tma_ok(t) for t in (q, k, v))
+    return all(tma_ok(t) for t in (q, k, v))
 
 
-def _tma_ok(t: torch.Tensor) -> bool:
+def tma_ok(t: torch.Tensor) -> bool:
+    """TMA needs a unit last stride and 16-byte aligned base and outer strides."""
     es = t.element_size()
     return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
             and all((s * es) % 16 == 0 for s in t.stride()[:-1]))
