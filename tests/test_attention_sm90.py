@@ -26,7 +26,8 @@ from flashomni_compile.kernels.attention import KernelConfig, sparse_attention_r
 from flashomni_compile.symbols import kv_block_lists, num_blocks
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-GLUON = {"k3": KernelConfig(128, 128, 8, 3, gluon=True), "k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2)}
+GLUON = {"k3": KernelConfig(128, 128, 8, 3, gluon=True),          # K ring depth 3 (the table's) and 2
+         "k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2)}
 SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KB)
 
 
@@ -121,7 +122,6 @@ def test_matches_reference(Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms, 
     fin = torch.isfinite(ref_lse)
     if fin.any():
         assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-2, f"lse (seed {seed})"
-
 
 
 @pytest.mark.skipif(not (HOPPER and attention_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")

@@ -292,7 +292,7 @@ _TABLE = {
     ("sm90", 16): KernelConfig(128, 128, 8, 3),
     ("sm90", 32): KernelConfig(128, 128, 8, 3),   # 4 warps spilled 120 B/thread (ptxas, triton 3.6)
     ("sm90", 64): KernelConfig(128, 64, 8, 3),    # 3.84 ms vs 4.34 for 128x128 (N=16384, H=24, H100)
-    ("sm90", 128): KernelConfig(128, 128, 8, 3, gluon=True),
+    ("sm90", 128): KernelConfig(128, 128, 8, 3, gluon=True),   # Gluon from GLUON_MIN_NKV keys, else these tiles
     ("sm90", 256): KernelConfig(128, 32, 8, 2),   # 128x64 spilled 56 B/thread (ptxas, triton 3.6)
     ("sm80", 16): KernelConfig(128, 64, 4, 3),
     ("sm80", 32): KernelConfig(128, 64, 4, 3),
@@ -372,6 +372,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # fp32 tiles take twice the shared memory: 128x128 fp32 K/V tiles overflow Hopper's 227 KB.
         block_m, block_n = min(block_m, 64), min(block_n, 64 if block_d <= 128 else 32)
         stages = masked_stages = 2
+    if kv_full is not None and kv_full.stride() != kv_count.stride():
+        raise AssertionError("kv_full must share kv_count's strides (both kernels read both with them)")
     out, lse = empty_output(q, v)
     terms = cache_terms(cache, cache1, cache2)
     if cfg.gluon and (config is not None or (_GLUON_ON and Nkv >= GLUON_MIN_NKV)) and attention_sm90.supports(
@@ -391,8 +393,6 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qk_, cnt_, idx_ = (q_keep if q_keep is not None else q, kv_count if kv_count is not None else q,
                        kv_index if kv_index is not None else q)
     full_ = kv_full if kv_full is not None else q
-    if kv_full is not None and kv_full.stride() != kv_count.stride():
-        raise AssertionError("kv_full must share kv_count's strides (the kernel reads both with them)")
     cache_ = cache if cache is not None else q
     c1_ = cache1 if terms > 1 else q
     c2_ = cache2 if terms > 2 else q
