@@ -40,8 +40,12 @@ def main() -> None:
         full = torch.empty(1, H, nb, dtype=torch.int32) if kpm and lists else None
         built = []
         with sm90_target():
-            G.sparse_attention_sm90(q, k, v, q_keep, cnt, idx, full, cache, cache, None, 2 if cached else 0,
-                                    mask, 0.1, 0.5, out, lse,
+            operands = tuple(t if t is not None else q for t in (cache, cache, None, q_keep, cnt, idx, full, mask))
+            strides = (*operands[0].stride(), *(q_keep.stride() if cached else (0, 0, 0)),
+                       *(cnt.stride() if lists else (0, 0, 0)), *(idx.stride() if lists else (0, 0, 0, 0)),
+                       *(mask.stride() if kpm else (0, 0)))
+            G.sparse_attention_sm90(q, k, v, operands, strides, cached, lists, kpm, 2 if cached else 0, 0.1, 0.5,
+                                    out, lse,
                                     lambda kern, grid, *a, **kw: built.append(kern.warmup(*a, grid=grid, **kw)),
                                     k_stages=stages)
         regs, spill = resource_usage(built[-1])

@@ -376,11 +376,21 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise AssertionError("kv_full must share kv_count's strides (both kernels read both with them)")
     out, lse = empty_output(q, v)
     terms = cache_terms(cache, cache1, cache2)
+    # The symbol and cache operands both kernels take, in their order, then their strides; an absent
+    # optional tensor is q as a never-dereferenced placeholder (constexpr flags gate it).
+    operands = tuple(t if t is not None else q for t in (
+        cache, cache1 if terms > 1 else None, cache2 if terms > 2 else None, q_keep, kv_count, kv_index,
+        kv_full, key_padding_mask))
+    operand_strides = (*operands[0].stride(),
+                       *(q_keep.stride() if q_keep is not None else (0, 0, 0)),
+                       *(kv_count.stride() if kv_count is not None else (0, 0, 0)),
+                       *(kv_index.stride() if kv_index is not None else (0, 0, 0, 0)),
+                       *(key_padding_mask.stride() if key_padding_mask is not None else (0, 0)))
     if cfg.gluon and (config is not None or (_GLUON_ON and Nkv >= GLUON_MIN_NKV)) and attention_sm90.supports(
             q, k, v, block_q, block_kv):
-        attention_sm90.sparse_attention_sm90(q, k, v, q_keep, kv_count, kv_index, kv_full, cache, cache1, cache2,
-                                             terms, key_padding_mask, scale, cache_delta, out, lse, launch,
-                                             k_stages=cfg.k_stages)
+        attention_sm90.sparse_attention_sm90(q, k, v, operands, operand_strides, q_keep is not None,
+                                             kv_count is not None, key_padding_mask is not None, terms, scale,
+                                             cache_delta, out, lse, launch, k_stages=cfg.k_stages)
         return out, lse
     use_tma = cfg.tma and q.is_cuda and _tma_ok(k) and _tma_ok(v)
     if use_tma:
@@ -389,24 +399,11 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         desc_k, desc_v = k, v  # unused by the pointer path
     nkb = cdiv(Nkv, block_kv)
-    # Absent optional tensors: pass q as a never-dereferenced placeholder (constexpr flags gate it).
-    qk_, cnt_, idx_ = (q_keep if q_keep is not None else q, kv_count if kv_count is not None else q,
-                       kv_index if kv_index is not None else q)
-    full_ = kv_full if kv_full is not None else q
-    cache_ = cache if cache is not None else q
-    c1_ = cache1 if terms > 1 else q
-    c2_ = cache2 if terms > 2 else q
-    kpm_ = key_padding_mask if key_padding_mask is not None else q
-    s_keep = q_keep.stride() if q_keep is not None else (0, 0, 0)
-    s_cnt = kv_count.stride() if kv_count is not None else (0, 0, 0)
-    s_idx = kv_index.stride() if kv_index is not None else (0, 0, 0, 0)
-    s_kpm = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     grid = (cdiv(Nq, block_m), B * H)
     launch(
         _sparse_attn_fwd, grid,
-        q, k, v, out, lse, cache_, c1_, c2_, qk_, cnt_, idx_, full_, kpm_, desc_k, desc_v,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *cache_.stride(),
-        *s_keep, *s_cnt, *s_idx, *s_kpm,
+        q, k, v, out, lse, *operands, desc_k, desc_v,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *operand_strides,
         H, Nq, Nkv, nkb, float(scale) * _LOG2E, float(cache_delta), float(cache_delta) ** 2 / 2.0,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SYM_Q=block_q, SYM_KV=block_kv,
         HAS_QKEEP=q_keep is not None, HAS_LISTS=kv_count is not None,

@@ -326,11 +326,12 @@ if AVAILABLE:
             (_ws_loader, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
         ], [4, 1], [232, 40])
 
-def sparse_attention_sm90(q, k, v, q_keep, kv_count, kv_index, kv_full, cache, cache1, cache2, terms,
-                          key_padding_mask, scale: float, cache_delta: float, out, lse, launch, *,
+def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, has_lists: bool, has_kpm: bool,
+                          terms: int, scale: float, cache_delta: float, out, lse, launch, *,
                           k_stages: int = K_STAGES) -> None:
-    """Launch the Gluon kernel into ``out``/``lse`` (allocated by the caller). Arguments are those the
-    Triton launcher has prepared (``kv_index``/``kv_full`` already split for a key padding mask)."""
+    """Launch the Gluon kernel into ``out``/``lse`` (allocated by the caller). ``operands`` (cache, its two
+    Taylor terms, q_keep, kv_count, kv_index, kv_full, key padding mask; q stands in for an absent one) and
+    ``operand_strides`` are what the Triton launcher prepared for its own kernel, in the same order."""
     B, H, Nq, D = q.shape
     Nkv = k.shape[2]
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -339,27 +340,14 @@ def sparse_attention_sm90(q, k, v, q_keep, kv_count, kv_index, kv_full, cache, c
     desc_q = GluonDescriptor.from_tensor(q, box_q, gl.NVMMASharedLayout.get_default_for(box_q, gdt))
     desc_k = GluonDescriptor.from_tensor(k, box_kv, gl.NVMMASharedLayout.get_default_for(box_kv, gdt))
     desc_v = GluonDescriptor.from_tensor(v, box_kv, gl.NVMMASharedLayout.get_default_for(box_kv, gdt))
-    # Absent optional tensors: q as a never-dereferenced placeholder (constexpr flags gate it).
-    qk_, cnt_, idx_ = (q_keep if q_keep is not None else q, kv_count if kv_count is not None else q,
-                       kv_index if kv_index is not None else q)
-    full_ = kv_full if kv_full is not None else q
-    cache_ = cache if cache is not None else q
-    c1_ = cache1 if terms > 1 else q
-    c2_ = cache2 if terms > 2 else q
-    kpm_ = key_padding_mask if key_padding_mask is not None else q
-    s_keep = q_keep.stride() if q_keep is not None else (0, 0, 0)
-    s_cnt = kv_count.stride() if kv_count is not None else (0, 0, 0)
-    s_idx = kv_index.stride() if kv_index is not None else (0, 0, 0, 0)
-    s_kpm = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     grid = ((Nq + BLOCK_M - 1) // BLOCK_M, B * H)
     launch(
         _sparse_attn_fwd_sm90, grid,
-        desc_q, desc_k, desc_v, out, lse, cache_, c1_, c2_, qk_, cnt_, idx_, full_, kpm_,
-        *out.stride(), *lse.stride(), *cache_.stride(), *s_keep, *s_cnt, *s_idx, *s_kpm,
+        desc_q, desc_k, desc_v, out, lse, *operands, *out.stride(), *lse.stride(), *operand_strides,
         H, Nq, Nkv, (Nkv + BLOCK_N - 1) // BLOCK_N, float(scale) * _LOG2E,
         float(cache_delta), float(cache_delta) ** 2 / 2.0,
-        HEAD_DIM=D, HAS_QKEEP=q_keep is not None, HAS_LISTS=kv_count is not None,
-        HAS_KPM=key_padding_mask is not None, EVEN_KV=Nkv % BLOCK_N == 0, CACHE_TERMS=terms,
+        HEAD_DIM=D, HAS_QKEEP=has_qkeep, HAS_LISTS=has_lists, HAS_KPM=has_kpm, EVEN_KV=Nkv % BLOCK_N == 0,
+        CACHE_TERMS=terms,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=V_STAGES,
         # 4 warps here (consumer 0) + 4 (consumer 1) + 1 loader warp (a warpgroup's worth of registers):
         # 168 a thread on average, which the partitions redistribute to 240 / 232 / 40 (setmaxnreg).
