@@ -70,6 +70,10 @@ O_VARIANTS = {   # also the candidates for "c" (out_proj_cache)
     "tma_64x128x64_w4_s4": Config(64, 128, 64, 8, 4, 4, True),
     "tma_64x256x64_w8_s3": Config(64, 256, 64, 8, 8, 3, True),
     "tma_64x128x128_w4_s3": Config(64, 128, 128, 8, 4, 3, True),
+    # the warp-specialised Gluon kernel (gemm_o_sm90.py: 128x128x64 tiles, ping-pong consumers); the
+    # stage count is its A/W ring depth, everything else is fixed there
+    "gluon_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=True),
+    "gluon_s5": Config(128, 128, 64, 8, 8, 5, True, gluon=True),
 }
 # The persistent GEMM-O kernel (gemm_o.py; pointer loads, `persistent` programs per SM), timed in the same
 # sweep as the per-tile kernel above. 128x256 is a candidate for "o" only: the cache kernel spills there
@@ -279,7 +283,7 @@ def _cpu_ms(fn) -> float:
 TIME = graph_ms if torch.cuda.is_available() else _cpu_ms
 
 
-def sweep(device, ms, densities, kernels=("q", "o", "c")):
+def sweep(device, ms, densities, kernels=("q", "o", "c"), only=()):
     """Time every candidate; return the Config of least total time over the cases, per kernel.
 
     Total time, not a geometric mean: the geometric mean let the empty reduction of ``out_proj_cache``
@@ -290,7 +294,7 @@ def sweep(device, ms, densities, kernels=("q", "o", "c")):
         variants = candidates[kernel]
         score = {}
         for vname, cfg in variants.items():
-            if cfg is None:     # the table's entry is one of the named candidates
+            if cfg is None or (only and vname not in only):   # None: the table's entry is a named candidate
                 continue
             times = []
             for M in ms:
@@ -402,6 +406,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time the launch candidates first; use the best")
     ap.add_argument("--selfcheck", action="store_true", help="only the small-case correctness checks")
     ap.add_argument("--kernels", default="q,o,c", help="with --sweep: which kernels' candidates to time (q,o,c)")
+    ap.add_argument("--only", default="", help="with --sweep: only these candidates (comma-separated names)")
     ap.add_argument("--compile-check", action="store_true",
                     help="no GPU needed: compile the GEMM-O candidates for sm_90, print registers/spills/shared")
     ap.add_argument("--out", default="benchmarks/results/gemm_h100.json")
@@ -422,7 +427,8 @@ def main():
     cfg = {"q": None, "o": None, "c": None}
     sweep_rows = []
     if args.sweep and not cpu:
-        cfg, sweep_rows = sweep(device, ms, (1.0, 0.5, 0.125), tuple(args.kernels.split(",")))
+        cfg, sweep_rows = sweep(device, ms, (1.0, 0.5, 0.125), tuple(args.kernels.split(",")),
+                                tuple(n for n in args.only.split(",") if n))
         cfg = {k: cfg.get(k) for k in ("q", "o", "c")}
 
     records = []

@@ -1,6 +1,7 @@
-"""Compile the Gluon attention kernel for sm_90 on any machine (no GPU) and print its resources as JSON.
+"""Compile the Gluon kernels for sm_90 on any machine (no GPU) and print their resources as JSON.
 
-    python tests/sm90_compile_check.py      # one line per variant: {"variant", "D", "regs", "spill", "shared"}
+    python tests/sm90_compile_check.py          # attention: one line per variant {"variant", "D", "regs", "spill", "shared"}
+    python tests/sm90_compile_check.py gemm_o   # GEMM-O (gemm_o_sm90.py), the same fields
 
 Under ``sm90_target`` (a stub driver reporting sm_90) each launch becomes ``kernel.warmup`` (compile only)
 on CPU tensors of the kernel's real shapes and strides. ``test_attention_sm90.py`` runs it in a subprocess,
@@ -14,6 +15,7 @@ import sys
 import torch
 
 from flashomni_compile.kernels import attention_sm90 as G
+from flashomni_compile.kernels import gemm_o_sm90
 from flashomni_compile.kernels.sm90_compile import resource_usage, sm90_target
 
 
@@ -54,5 +56,28 @@ def main() -> None:
     sys.stdout.flush()
 
 
+def gemm_o_main() -> None:
+    """Variants: "o" sparse_linear_o, "o+e" with an extra range, "c" out_proj_cache; D 64/128, fp16/bf16.
+    Partial row and column tiles and B = 2 (the shapes do not change the code, only the specialisation)."""
+    B, M, H, N = 2, 1000, 4, 384
+    for (kind, extra), D, dt in itertools.product((("o", False), ("o", True), ("c", False)), (64, 128),
+                                                  (torch.bfloat16, torch.float16)):
+        a, w = torch.empty(B, M, H * D, dtype=dt), torch.empty(N, H * D, dtype=dt)
+        y = torch.empty(B, M, N, dtype=dt)
+        keep = torch.empty(B, H, 9, dtype=torch.bool).view(torch.uint8)
+        c = torch.empty_like(y) if kind == "o" else None
+        bias = torch.empty(N, dtype=dt) if kind == "c" else None
+        e, ew = (torch.empty(B, M, 128, dtype=dt), torch.empty(N, 128, dtype=dt)) if extra else (None, None)
+        built = []
+        with sm90_target():
+            gemm_o_sm90.gemm_o_sm90(a, w, c, bias, keep, e, ew, y, D, 0, 128, kind == "o",
+                                    lambda kern, grid, *args, **kw: built.append(kern.warmup(*args, grid=grid, **kw)),
+                                    programs=4)
+        regs, spill = resource_usage(built[-1])
+        print(json.dumps(dict(variant=kind + ("+e" if extra else ""), D=D, dtype=str(dt).split(".")[-1], regs=regs,
+                              spill=spill, shared=built[-1].metadata.shared)))
+    sys.stdout.flush()
+
+
 if __name__ == "__main__":
-    main()
+    gemm_o_main() if sys.argv[1:] == ["gemm_o"] else main()

@@ -22,7 +22,6 @@ SDPA's flash path, so the usual ``transpose(1, 2).reshape(B, Nq, H * D)`` that f
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +31,7 @@ import triton.language as tl
 
 from ..symbols import expand_kv_keep
 from . import attention_sm90
-from .launch import capability, cdiv, launch, next_power_of_2
+from .launch import GLUON_ON, capability, cdiv, launch, next_power_of_2
 
 try:  # host-side TMA descriptors (triton >= 3.4); the pointer path never needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -306,8 +305,6 @@ _INTERP = KernelConfig(64, 64, 4, 1)
 # 0.25; at N=4608 it tied dense (0.545 vs 0.550 ms) and lost sparse (0.180 vs 0.168 ms at 0.25: a row
 # then keeps 9 tiles, too few to amortise the partitions' start).
 GLUON_MIN_NKV = 8192
-# FLASHOMNI_GLUON=0 keeps every call on the Triton kernel (to compare, or to rule the Gluon kernel out).
-_GLUON_ON = os.environ.get("FLASHOMNI_GLUON", "1") != "0"
 
 
 def _arch(device: torch.device) -> str:
@@ -386,7 +383,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        *(kv_count.stride() if kv_count is not None else (0, 0, 0)),
                        *(kv_index.stride() if kv_index is not None else (0, 0, 0, 0)),
                        *(key_padding_mask.stride() if key_padding_mask is not None else (0, 0)))
-    if cfg.gluon and (config is not None or (_GLUON_ON and Nkv >= GLUON_MIN_NKV)) and attention_sm90.supports(
+    if cfg.gluon and (config is not None or (GLUON_ON and Nkv >= GLUON_MIN_NKV)) and attention_sm90.supports(
             q, k, v, block_q, block_kv):
         attention_sm90.sparse_attention_sm90(q, k, v, operands, operand_strides, q_keep is not None,
                                              kv_count is not None, key_padding_mask is not None, terms, scale,

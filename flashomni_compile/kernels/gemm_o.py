@@ -55,7 +55,8 @@ from torch import Tensor
 
 from .gemm_q import (Config, as_rows, check_head_dim, check_symbols, check_tensor, dense_k_loop, descriptor, dot_f32,
                      grouped_tile, mma, row_keep, setup, tma_ok)
-from .launch import cdiv, launch, next_power_of_2
+from . import gemm_o_sm90
+from .launch import GLUON_ON, cdiv, launch, next_power_of_2
 
 _WORD = 32  # heads per bit mask of the per-tile kernel (it walks the heads a word at a time)
 _PERSISTENT_HEADS = 63   # the persistent kernel's one int64 bit mask per tile (bit 63 is the sign)
@@ -355,6 +356,10 @@ def _launch(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[Tenso
         return y
     block_k = head_block_k(head_dim, block_k)
     keep = q_keep.view(torch.uint8)
+    if cfg.gluon and GLUON_ON and gemm_o_sm90.supports(a, weight, c, extra, extra_weight, y, head_dim, row_offset,
+                                                      block_q):
+        return gemm_o_sm90.gemm_o_sm90(a, weight, c, bias, keep, extra, extra_weight, y, head_dim, row_offset,
+                                       block_q, select_kept, launch, programs=programs, stages=cfg.num_stages)
     has_extra = extra is not None
     e, ew = (extra, extra_weight) if has_extra else (a, weight)   # placeholders, never read
     if _persistent_ok(a, N, c, e.shape[-1] if has_extra else 0, head_dim, cfg, block_k):

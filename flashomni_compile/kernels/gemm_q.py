@@ -204,6 +204,7 @@ class Config(NamedTuple):
     tma: bool
     split_n: bool = False   # GEMM-Q: a tile whose two halves are not both kept runs as two half tiles
     persistent: int = 0     # GEMM-O: > 0 runs the persistent kernel on that many programs per SM (gemm_o.py)
+    gluon: bool = False     # GEMM-O on sm_90: the warp-specialised Gluon kernel (gemm_o_sm90.py) where it applies
 
 
 # Per (arch, kernel); kernels: "q" GEMM-Q, "o" sparse_linear_o (dispatch step), "c" out_proj_cache

@@ -54,7 +54,7 @@ import torch
 import triton
 
 __all__ = ["launch", "launch_key", "set_launch_cache", "launch_stats", "clear_launch_cache", "cdiv",
-           "next_power_of_2", "capability"]
+           "next_power_of_2", "capability", "GLUON_ON"]
 
 _MODES = ("on", "off", "verify")
 _ENV = os.environ.get("FLASHOMNI_LAUNCH_CACHE", "on")
@@ -89,6 +89,9 @@ def next_power_of_2(n: int) -> int:
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
+# FLASHOMNI_GLUON=0 (read at import) keeps every call on the Triton kernels: the Gluon kernels for Hopper
+# (attention_sm90.py, gemm_o_sm90.py) are never chosen, to compare or to rule them out.
+GLUON_ON = os.environ.get("FLASHOMNI_GLUON", "1") != "0"
 
 
 def capability(device: torch.device) -> tuple[int, int]:
