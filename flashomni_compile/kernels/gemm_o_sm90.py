@@ -21,8 +21,9 @@ Here one CTA per SM walks the tiles ``pid, pid + P, ...`` with three partitions 
 
 The ring is filled in tile order, so while one consumer runs its epilogue the other's reduction runs on
 the tensor cores (CUTLASS's ping-pong schedule, reached here by the order of the ring rather than by an
-explicit barrier). The consumers count the ring stages of the other's tiles too (the same q_keep row
-sum), so both keep the ring's phase without talking to each other.
+explicit barrier). Each consumer walks the other's tiles too: it counts their stages (the same q_keep
+row sum) and waits for each to land without consuming it, because a ready barrier tells a stage's
+uses apart only by parity (see ``_consumer``).
 
 Notation: BLOCK_M x BLOCK_N output tile, BLOCK_K reduction step, KSTEPS = D / BLOCK_K steps per head,
 ``j`` the program's tile counter, ``cnt`` the ring fills (loader) or ring stages passed (consumers).
@@ -205,7 +206,14 @@ if AVAILABLE:
                                          BLOCK_Q, GROUP_M)
             n = _tile_steps(KEEP, b, qb, H, KE if HAS_EXTRA else 0, stride_kb, stride_kh, stride_kq, SELECT_KEPT,
                             KSTEPS, BLOCK_K, WORD, word)
-            if j % 2 == X:
+            if j % 2 != X:
+                # The other consumer's tile: wait until each of its stages has landed, without touching
+                # them. A stage's ready barrier only tells its uses apart by parity, so a consumer must
+                # see every use complete in order: waiting for use u while use u - 1 (the other's) is
+                # still pending would find phase u - 2's parity and pass on stale data.
+                for k in range(n):
+                    mbarrier.wait(ready.index((cnt + k) % STAGES), ((cnt + k) // STAGES) & 1)
+            else:
                 acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
                 for k in range(n):
                     s = (cnt + k) % STAGES
