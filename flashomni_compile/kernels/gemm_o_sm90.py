@@ -22,8 +22,8 @@ Here one CTA per SM walks the tiles ``pid, pid + P, ...`` with three partitions 
 The ring is filled in tile order, so while one consumer runs its epilogue the other's reduction runs on
 the tensor cores (CUTLASS's ping-pong schedule, reached here by the order of the ring rather than by an
 explicit barrier). Each consumer walks the other's tiles too: it counts their stages (the same q_keep
-row sum) and waits for each to land without consuming it, because a ready barrier tells a stage's
-uses apart only by parity (see ``_consumer``).
+row sum), waits for each to land and releases it unread, because a barrier tells a stage's uses apart
+only by parity (see ``_consumer``): a stage is refilled once both consumers have released it.
 
 Notation: BLOCK_M x BLOCK_N output tile, BLOCK_K reduction step, KSTEPS = D / BLOCK_K steps per head,
 ``j`` the program's tile counter, ``cnt`` the ring fills (loader) or ring stages passed (consumers).
@@ -207,12 +207,14 @@ if AVAILABLE:
             n = _tile_steps(KEEP, b, qb, H, KE if HAS_EXTRA else 0, stride_kb, stride_kh, stride_kq, SELECT_KEPT,
                             KSTEPS, BLOCK_K, WORD, word)
             if j % 2 != X:
-                # The other consumer's tile: wait until each of its stages has landed, without touching
-                # them. A stage's ready barrier only tells its uses apart by parity, so a consumer must
-                # see every use complete in order: waiting for use u while use u - 1 (the other's) is
-                # still pending would find phase u - 2's parity and pass on stale data.
+                # The other consumer's tile: see each of its stages land and release it at once, without
+                # reading it. A barrier tells a stage's uses apart only by parity, so each consumer must
+                # stay within one use of every stage: if it skipped the other's uses it could wait for use
+                # u while u - 1 is pending (and pass on stale data), or, fallen behind, for use u after
+                # u + 1 completed (and never wake). Both consumers' arrivals free a stage (count 2).
                 for k in range(n):
                     mbarrier.wait(ready.index((cnt + k) % STAGES), ((cnt + k) // STAGES) & 1)
+                    mbarrier.arrive(empty.index((cnt + k) % STAGES), count=1)
             else:
                 acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
                 for k in range(n):
@@ -266,7 +268,7 @@ if AVAILABLE:
         c_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)      # the consumer that reads it and the other one
         for i in gl.static_range(2):
             mbarrier.init(c_ready.index(i), count=1)
             mbarrier.init(c_empty.index(i), count=1)
