@@ -74,6 +74,7 @@ O_VARIANTS = {   # also the candidates for "c" (out_proj_cache)
     # stage count is its A/W ring depth, everything else is fixed there
     "gluon_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=True),
     "gluon_s5": Config(128, 128, 64, 8, 8, 5, True, gluon=True),
+    "gluon_64x256_s4": Config(64, 256, 64, 8, 8, 4, True, gluon=True),
 }
 # The persistent GEMM-O kernel (gemm_o.py; pointer loads, `persistent` programs per SM), timed in the same
 # sweep as the per-tile kernel above. 128x256 is a candidate for "o" only: the cache kernel spills there

@@ -30,6 +30,8 @@ from flashomni_compile.kernels.gemm_q import Config
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 GLUON = Config(128, 128, 64, 8, 8, 4, True, gluon=True)
+# the consumer tiles the kernel is built for (gemm_o_sm90.gemm_o_sm90: 128 x 128 and 64 x 256)
+TILES = {"128x128": GLUON, "64x256": Config(64, 256, 64, 8, 8, 4, True, gluon=True)}
 SMEM_LIMIT = 232448       # bytes of shared memory one block may use on sm_90 (227 KB)
 ENTRY_SPILL = 8           # see the module docstring
 
@@ -88,8 +90,10 @@ CASES = [
 
 
 @pytest.mark.skipif(not (HOPPER and gemm_o_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("tile", sorted(TILES))
 @pytest.mark.parametrize("B, M, H, D, N, KE, off, density, dtype, programs", CASES)
-def test_matches_reference(B, M, H, D, N, KE, off, density, dtype, programs):
+def test_matches_reference(B, M, H, D, N, KE, off, density, dtype, programs, tile):
+    cfg = TILES[tile]
     seed = random.SystemRandom().randrange(2 ** 31)
     g = torch.Generator("cuda").manual_seed(seed)
     nqb = (off + M + 127) // 128 + 1
@@ -105,12 +109,12 @@ def test_matches_reference(B, M, H, D, N, KE, off, density, dtype, programs):
     a_kept, a_cached = a.masked_fill(~sel, float("nan")), a.masked_fill(sel, float("nan"))
     tol = REL_TOL[dtype]
 
-    gemm_o.out_proj_cache_triton(a_cached, w, bias, keep, D, off, 128, config=GLUON, out=c, programs=programs)
+    gemm_o.out_proj_cache_triton(a_cached, w, bias, keep, D, off, 128, config=cfg, out=c, programs=programs)
     ref_c = gemm_o.out_proj_cache_ref(a.double(), w.double(), bias.double(), keep, D, off, 128)
     assert rel_err(c, ref_c) < tol, f"out_proj_cache (seed {seed})"
 
     y = torch.full((B, M, N), float("nan"), dtype=dtype, device="cuda")
-    gemm_o.sparse_linear_o_triton(a_kept, w, c, keep, e, ew, D, off, 128, config=GLUON, out=y, programs=programs)
+    gemm_o.sparse_linear_o_triton(a_kept, w, c, keep, e, ew, D, off, 128, config=cfg, out=y, programs=programs)
     e64, ew64 = (e.double(), ew.double()) if KE else (None, None)
     ref_y = gemm_o.sparse_linear_o_ref(a.double(), w.double(), c.double(), keep, e64, ew64, D, off, 128)
     assert rel_err(y, ref_y) < tol, f"sparse_linear_o (seed {seed})"

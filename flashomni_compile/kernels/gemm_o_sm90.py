@@ -298,25 +298,26 @@ def _descriptor(t: Tensor, block: list[int]):
 def gemm_o_sm90(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[Tensor], keep: Tensor,
                 extra: Optional[Tensor], extra_weight: Optional[Tensor], y: Tensor, head_dim: int, row_offset: int,
                 block_q: int, select_kept: bool, launch, *, programs: Optional[int] = None,
-                stages: int = STAGES) -> Tensor:
+                stages: int = STAGES, block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> Tensor:
     """Launch the Gluon kernel into ``y`` (allocated by the caller); ``keep`` is q_keep viewed as uint8.
     ``c`` given: ``sparse_linear_o`` (``select_kept``); ``bias``: ``out_proj_cache``. ``programs`` caps the
-    grid (default: one program per SM)."""
+    grid (default: one program per SM); ``block_m x block_n`` is one consumer's tile (64 or 128 rows, at most
+    256 columns: the accumulator is 128 registers a thread at 128 x 128 and 64 x 256)."""
     B, M, K = a.shape
     N = weight.shape[0]
-    blk_a, blk_w, blk_c = [1, BLOCK_M, BLOCK_K], [BLOCK_N, BLOCK_K], [1, BLOCK_M, BLOCK_N]
+    blk_a, blk_w, blk_c = [1, block_m, BLOCK_K], [block_n, BLOCK_K], [1, block_m, block_n]
     desc_a, desc_w, desc_y = _descriptor(a, blk_a), _descriptor(weight, blk_w), _descriptor(y, blk_c)
     desc_c = _descriptor(c, blk_c) if c is not None else desc_y                 # placeholder, never read
     has_extra = extra is not None
     desc_e = _descriptor(extra, blk_a) if has_extra else desc_a                 # placeholders, never read
     desc_ew = _descriptor(extra_weight, blk_w) if has_extra else desc_w
-    tiles_m, tiles_n = -(-M // BLOCK_M), -(-N // BLOCK_N)
+    tiles_m, tiles_n = -(-M // block_m), -(-N // block_n)
     num_tiles = B * tiles_m * tiles_n
     grid = (min(num_tiles, programs or (_num_sms(a.device) if a.is_cuda else 1)),)
     launch(
         _gemm_o_sm90_kernel, grid,
         desc_a, desc_w, desc_c, desc_y, desc_e, desc_ew, bias if bias is not None else y, keep,
-        N, K // head_dim, extra.shape[-1] if has_extra else 0, row_offset // BLOCK_M, tiles_m, tiles_n, num_tiles,
+        N, K // head_dim, extra.shape[-1] if has_extra else 0, row_offset // block_m, tiles_m, tiles_n, num_tiles,
         keep.stride(0), keep.stride(1), keep.stride(2),
         SELECT_KEPT=select_kept, HAS_C=c is not None, HAS_BIAS=bias is not None, HAS_EXTRA=has_extra,
         HEAD_DIM=head_dim, BLOCK_Q=block_q, STAGES=stages, GROUP_M=GROUP_M, WORD=WORD,
