@@ -70,11 +70,11 @@ O_VARIANTS = {   # also the candidates for "c" (out_proj_cache)
     "tma_64x128x64_w4_s4": Config(64, 128, 64, 8, 4, 4, True),
     "tma_64x256x64_w8_s3": Config(64, 256, 64, 8, 8, 3, True),
     "tma_64x128x128_w4_s3": Config(64, 128, 128, 8, 4, 3, True),
-    # the warp-specialised Gluon kernel (gemm_o_sm90.py: 128x128x64 tiles, ping-pong consumers); the
-    # stage count is its A/W ring depth, everything else is fixed there
-    "gluon_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=True),
-    "gluon_s5": Config(128, 128, 64, 8, 8, 5, True, gluon=True),
-    "gluon_64x256_s4": Config(64, 256, 64, 8, 8, 4, True, gluon=True),
+    # the warp-specialised Gluon kernel (gemm_o_sm90.py, ping-pong consumers): `gluon` = its consumer
+    # tile and A/W ring depth; the other fields are the Triton kernel's, for the calls it declines
+    "gluon_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 128, 4)),
+    "gluon_s5": Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 128, 5)),
+    "gluon_64x256_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4)),   # the table's (sm_90)
 }
 # The persistent GEMM-O kernel (gemm_o.py; pointer loads, `persistent` programs per SM), timed in the same
 # sweep as the per-tile kernel above. 128x256 is a candidate for "o" only: the cache kernel spills there

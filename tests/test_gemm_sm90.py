@@ -29,9 +29,9 @@ from flashomni_compile.kernels import gemm_o, gemm_o_sm90
 from flashomni_compile.kernels.gemm_q import Config
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-GLUON = Config(128, 128, 64, 8, 8, 4, True, gluon=True)
+GLUON = Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4))    # the table's sm_90 entry
 # the consumer tiles the kernel is built for (gemm_o_sm90.gemm_o_sm90: 128 x 128 and 64 x 256)
-TILES = {"128x128": GLUON, "64x256": Config(64, 256, 64, 8, 8, 4, True, gluon=True)}
+TILES = {"128x128": GLUON._replace(gluon=(128, 128, 4)), "64x256": GLUON}
 SMEM_LIMIT = 232448       # bytes of shared memory one block may use on sm_90 (227 KB)
 ENTRY_SPILL = 8           # see the module docstring
 
@@ -137,5 +137,5 @@ def test_table_routes_to_gluon_and_declined_calls_fall_back(monkeypatch):
     gemm_o.sparse_linear_o_triton(a, w, c, keep, None, None, 128, 0, 128, config=GLUON)
     assert calls == [1]
     gemm_o.sparse_linear_o_triton(a, w, c, keep, None, None, 128, 64, 128, config=GLUON)   # declined: offset
-    gemm_o.sparse_linear_o_triton(a, w, c, keep, None, None, 128, 0, 128, config=GLUON._replace(gluon=False))
+    gemm_o.sparse_linear_o_triton(a, w, c, keep, None, None, 128, 0, 128, config=GLUON._replace(gluon=()))
     assert calls == [1]

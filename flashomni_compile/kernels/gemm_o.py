@@ -358,9 +358,10 @@ def _launch(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[Tenso
     keep = q_keep.view(torch.uint8)
     if cfg.gluon and GLUON_ON and gemm_o_sm90.supports(a, weight, c, extra, extra_weight, y, head_dim, row_offset,
                                                       block_q):
+        gm, gn, gs = cfg.gluon
         return gemm_o_sm90.gemm_o_sm90(a, weight, c, bias, keep, extra, extra_weight, y, head_dim, row_offset,
-                                       block_q, select_kept, launch, programs=programs, stages=cfg.num_stages,
-                                       block_m=cfg.block_m, block_n=cfg.block_n)
+                                       block_q, select_kept, launch, programs=programs, stages=gs, block_m=gm,
+                                       block_n=gn)
     has_extra = extra is not None
     e, ew = (extra, extra_weight) if has_extra else (a, weight)   # placeholders, never read
     if _persistent_ok(a, N, c, e.shape[-1] if has_extra else 0, head_dim, cfg, block_k):

@@ -204,7 +204,9 @@ class Config(NamedTuple):
     tma: bool
     split_n: bool = False   # GEMM-Q: a tile whose two halves are not both kept runs as two half tiles
     persistent: int = 0     # GEMM-O: > 0 runs the persistent kernel on that many programs per SM (gemm_o.py)
-    gluon: bool = False     # GEMM-O on sm_90: the warp-specialised Gluon kernel (gemm_o_sm90.py) where it applies
+    # GEMM-O on sm_90: (block_m, block_n, stages) of the warp-specialised Gluon kernel (gemm_o_sm90.py), run
+    # where it applies (its ``supports``); the fields above are the Triton kernel's for the other calls
+    gluon: tuple = ()
 
 
 # Per (arch, kernel); kernels: "q" GEMM-Q, "o" sparse_linear_o (dispatch step), "c" out_proj_cache
@@ -214,13 +216,16 @@ class Config(NamedTuple):
 #      M=33792; at d=0.125 the split keeps Q as cheap as 128x128 tiles: 0.274 vs 0.273 ms).
 #   o, c: 128x128, 8 warps, 4 stages. 64x128 4-warp tiles (2 CTAs per SM) were 19% faster at d=0.125
 #      (0.279 vs 0.343 ms) but 50% slower dense (1.67 vs 1.11 ms); density is per-step data, so no switch.
+#      On sm_90 the calls gemm_o_sm90.supports takes run the Gluon kernel instead, 64x256 consumer tiles
+#      with a 4-stage ring: least total time of the H200 sweep (17.05 ms vs 17.55 for 128x128 s4, 18.89
+#      for 128x128 s5, 18.87 for this Triton entry; results/gemm_h200_gluon2.json, gemm_h200_gluon.json).
 # Every sm90 entry compiles without spills on triton 3.6 and 3.9 for fp16/bf16/fp32 and D in {64, 72, 128}
 # (at most 192 KB of shared memory). "cpu" is the interpreter (tests): small tiles so that several
 # tiles, partial tiles and straddling heads occur at tiny sizes.
 CONFIGS = {
     ("sm90", "q"): Config(128, 256, 64, 8, 8, 4, True, split_n=True),
-    ("sm90", "o"): Config(128, 128, 64, 8, 8, 4, True),
-    ("sm90", "c"): Config(128, 128, 64, 8, 8, 4, True),
+    ("sm90", "o"): Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4)),
+    ("sm90", "c"): Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4)),
     ("cuda", "q"): Config(128, 128, 32, 8, 4, 3, False),
     ("cuda", "o"): Config(128, 128, 32, 8, 4, 3, False),
     ("cuda", "c"): Config(128, 128, 32, 8, 4, 3, False),
