@@ -28,7 +28,10 @@ same for every row of a tile: the kernel loads the tile's q_keep row, packs the 
 a time into a bit mask, and walks the set bits (lowest first) in one flat loop of ``count * KSTEPS``
 steps, so the software pipeline stays unbroken. No host sync, no derived tensor, no data-dependent grid.
 
-Two kernels, chosen by ``Config.persistent`` (the launch table keeps the per-tile one):
+On sm_90 the launcher hands the calls ``gemm_o_sm90.supports`` takes to the persistent warp-specialised
+Gluon kernel of ``gemm_o_sm90.py`` (``Config.gluon``: its consumer tile and ring depth; the launch table
+sets it for sm_90, ``FLASHOMNI_GLUON=0`` turns it off). The rest run on one of two Triton kernels,
+chosen by ``Config.persistent`` (the launch table keeps the per-tile one):
 
 * ``_gemm_o_kernel``: one program per output tile (grid = tiles x B); c is loaded before the
   reduction and added in the epilogue.
