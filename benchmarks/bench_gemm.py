@@ -3,7 +3,7 @@
     python benchmarks/bench_gemm.py               # the issue's grid -> benchmarks/results/gemm_h100.json
     python benchmarks/bench_gemm.py --sweep       # also times the launch candidates, then the grid with the best
     python benchmarks/bench_gemm.py --selfcheck   # only the small-case correctness checks (odd shapes, dtypes)
-    python benchmarks/bench_gemm.py --sweep --kernels o   # only the GEMM-O dispatch candidates (per-tile vs persistent)
+    python benchmarks/bench_gemm.py --sweep --kernels o   # only the GEMM-O dispatch candidates (Triton and Gluon)
     python benchmarks/bench_gemm.py --compile-check   # no GPU needed: sm_90 registers/spills/shared of the candidates
 
 Problem (issue 3): bf16, B=1, H=24 heads of D=128, symbol blocks of 128 rows.
@@ -76,19 +76,7 @@ O_VARIANTS = {   # also the candidates for "c" (out_proj_cache)
     "gluon_s5": Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 128, 5)),
     "gluon_64x256_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4)),   # the table's (sm_90)
 }
-# The persistent GEMM-O kernel (gemm_o.py; pointer loads, `persistent` programs per SM), timed in the same
-# sweep as the per-tile kernel above. 128x256 is a candidate for "o" only: the cache kernel spills there
-# (NOTES.md, "Persistent GEMM-O").
-P_VARIANTS = {
-    "pers_128x128x64_w8_s4": Config(128, 128, 64, 8, 8, 4, False, persistent=1),
-    "pers_128x128x64_w8_s3": Config(128, 128, 64, 8, 8, 3, False, persistent=1),
-    "pers_64x128x64_w4_s4_x2": Config(64, 128, 64, 8, 4, 4, False, persistent=2),
-    "pers_64x128x64_w4_s3_x2": Config(64, 128, 64, 8, 4, 3, False, persistent=2),
-    "pers_128x256x64_w8_s3": Config(128, 256, 64, 8, 8, 3, False, persistent=1),
-}
-C_P_VARIANTS = {k: v for k, v in P_VARIANTS.items() if v.block_n <= 128}
 PTR = Config(128, 128, 64, 8, 8, 3, False)   # the portable path, self-checked
-PERSIST = P_VARIANTS["pers_128x128x64_w8_s4"]   # self-checked on 3 programs: each walks several tiles
 
 
 def symbols(m: int, density: float, seed: int, device) -> torch.Tensor:
@@ -179,10 +167,7 @@ def selfcheck(device) -> list[str]:
     cases = [(dt, hd, *((200, 77) if i % 2 else (333, 0)), None)
              for i, (dt, hd) in enumerate((dt, hd) for dt in (torch.bfloat16, torch.float16, torch.float32) for hd in (64, 72, 128))]
     cases += [(torch.bfloat16, 128, 200, 77, ptr), (torch.float32, 64, 333, 0, ptr)]
-    cases += [(dt, hd, *((200, 77) if i % 2 else (333, 0)), PERSIST)
-              for i, (dt, hd) in enumerate((dt, hd) for dt in (torch.bfloat16, torch.float16) for hd in (64, 72, 128))]
     for dt, hd, m, off, cfg in cases:
-        progs = 3 if cfg is not None and cfg.persistent else None
         nh, bsz, k, n, ke = 3, 2, 96, 160, 80
         nqb = -(-(off + m) // 64) + 1
         keep = torch.rand(bsz, nh, nqb, generator=g, device=device) < 0.5
@@ -191,12 +176,12 @@ def selfcheck(device) -> list[str]:
         a, wo, bo, e, ew = r(bsz, m, nh * hd), r(n, nh * hd), r(n), r(bsz, m, ke), r(n, ke)
         y = gemm_q.sparse_linear_q_triton(x, wq, bq, keep, hd, off, 64, nh * hd, config=cfg)
         err_q = rel_err(y, gemm_q.sparse_linear_q_ref(x.double(), wq.double(), bq.double(), keep, hd, off, 64, nh * hd))
-        c = gemm_o.out_proj_cache_triton(a, wo, bo, keep, hd, off, 64, config=cfg, programs=progs)
-        yo = gemm_o.sparse_linear_o_triton(a, wo, c, keep, e, ew, hd, off, 64, config=cfg, programs=progs)
+        c = gemm_o.out_proj_cache_triton(a, wo, bo, keep, hd, off, 64, config=cfg)
+        yo = gemm_o.sparse_linear_o_triton(a, wo, c, keep, e, ew, hd, off, 64, config=cfg)
         want = a.double() @ wo.double().T + bo.double() + e.double() @ ew.double().T
         err_o = rel_err(yo, want)
         if not (err_q < tol[dt] and err_o < tol[dt]):
-            name = "table" if cfg is None else "persistent" if cfg.persistent else "ptr"
+            name = "table" if cfg is None else "ptr"
             fails.append(f"{dt} D={hd} M={m} off={off} cfg={name}: q {err_q:.2e} o {err_o:.2e}")
     print(f"selfcheck: {len(cases) - len(fails)}/{len(cases)} ok" + "".join("\n  FAIL " + f for f in fails), flush=True)
     return fails
@@ -290,7 +275,7 @@ def sweep(device, ms, densities, kernels=("q", "o", "c"), only=()):
     Total time, not a geometric mean: the geometric mean let the empty reduction of ``out_proj_cache``
     at d = 1 (0.015 vs 0.031 ms) pick 64-row tiles that are 27-37% slower on every case with work."""
     rows, best = [], {}
-    candidates = {"q": Q_VARIANTS, "o": {**O_VARIANTS, **P_VARIANTS}, "c": {**O_VARIANTS, **C_P_VARIANTS}}
+    candidates = {"q": Q_VARIANTS, "o": O_VARIANTS, "c": O_VARIANTS}
     for kernel in kernels:
         variants = candidates[kernel]
         score = {}
@@ -320,8 +305,7 @@ def sweep(device, ms, densities, kernels=("q", "o", "c"), only=()):
 
 
 def sweep_table(rows: list[dict]) -> str:
-    """One line per candidate, one column per case (M/K/density): milliseconds, the per-tile and the
-    persistent kernels side by side."""
+    """One line per candidate, one column per case (M/K/density): milliseconds, the candidates side by side."""
     cases = list(dict.fromkeys((r["M"], r["N"], r["K"], r["density"]) for r in rows))
     ms = {(r["variant"], (r["M"], r["N"], r["K"], r["density"])): r["ms"] for r in rows}
     head = f"{'variant':28s}" + "".join(f" {f'{m}/{k}/d{d:g}':>16s}" for m, n, k, d in cases)
@@ -333,7 +317,7 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 def compile_check() -> None:
-    """Compile every persistent GEMM-O candidate for sm_90 on this machine, GPU or not, and print
+    """Compile every Triton GEMM-O candidate for sm_90 on this machine, GPU or not, and print
     registers, spilled bytes (cuobjdump's STACK) and shared memory per (candidate, kernel, dtype, D).
 
     The launchers run as usual on CPU tensors of the benchmark's widths; each launch becomes
@@ -350,7 +334,7 @@ def compile_check() -> None:
 
     print(f"triton {triton.__version__}, sm_90; M=1024, N=3072, K=3072 (+512 extra), block_q=128")
     print(f"{'variant':28s} {'kernel':9s} {'dtype':8s} {'D':>4s} {'regs':>5s} {'spill B':>8s} {'shared B':>9s}")
-    for name, cfg in P_VARIANTS.items():
+    for name, cfg in ((n, c) for n, c in O_VARIANTS.items() if not c.gluon):   # Gluon: sm90_compile_check.py
         for dt in (torch.bfloat16, torch.float16):
             for hd in ((64, 72, 128) if dt == torch.bfloat16 else (128,)):
                 a, w = torch.empty(1, 1024, 3072 // hd * hd, dtype=dt), torch.empty(3072, 3072 // hd * hd, dtype=dt)
@@ -361,8 +345,6 @@ def compile_check() -> None:
                         "o+extra": lambda: gemm_o.sparse_linear_o_triton(a, w, c, keep, e, ew, hd, 0, BQ, cfg, y),
                         "c": lambda: gemm_o.out_proj_cache_triton(a, w, w[0], keep, hd, 0, BQ, cfg, y)}
                 for kname, run in runs.items():
-                    if kname == "c" and name not in C_P_VARIANTS:
-                        continue
                     compiled.clear()
                     with sm90_target():
                         run()

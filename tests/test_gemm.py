@@ -165,62 +165,9 @@ def test_gemm_o_matches_ref(dtype, D, M, off, bq, density, has_bias, extra, batc
     assert rel_err(y, y_ref) < REL_TOL[dtype]
 
 
-# The persistent kernel (Config.persistent): one flat loop of work items per program. ``programs`` below
-# the tile count makes every program walk several tiles; N = 64 tiles the columns exactly (no mask on
-# the reduction axis), N = 80 does not.
-PERSIST = SMALL._replace(persistent=1)
-PERSIST_64 = Config(64, 64, 32, 2, 4, 1, False, persistent=1)   # 64 columns straddle heads of 72
-P_CASES = [
-    # dtype,          D,  M,   N,  off, bq, density, extra, batch, cfg,        programs
-    (torch.float16,   64, 200, 80, 77,  32, 0.5,     48,    1,     PERSIST,    3),
-    (torch.bfloat16,  72, 96,  80, 13,  64, 0.25,    None,  2,     PERSIST_64, 2),
-    (torch.float16,   64, 96,  64, 0,   64, 1.0,     64,    1,     PERSIST_64, 1),   # all dense, no k-mask
-    (torch.bfloat16,  72, 200, 64, 40,  32, 0.0,     None,  1,     PERSIST,    5),   # all cached: y == c
-    (torch.float16,   64, 96,  64, 16,  32, 0.75,    None,  2,     PERSIST,    None),
-]
-
-
-@pytest.mark.parametrize("dtype, D, M, N, off, bq, density, extra, batch, cfg, programs", P_CASES)
-def test_gemm_o_persistent_matches_ref(dtype, D, M, N, off, bq, density, extra, batch, cfg, programs):
-    a, w, b = _rand(batch, M, H * D, dtype=dtype, seed=1), _rand(N, H * D, dtype=dtype, seed=2), _rand(N, dtype=dtype, seed=3)
-    e, ew = (_rand(batch, M, extra, dtype=dtype, seed=5), _rand(N, extra, dtype=dtype, seed=6)) if extra else (None, None)
-    keep = _symbols(batch, _nqb(M, off, bq), density, seed=4)
-    L.clear_launch_cache()
-    c = gemm_o.out_proj_cache_triton(a, w, b, keep, D, off, bq, config=cfg, out=_poison(batch, M, N, dtype),
-                                     programs=programs)
-    if density == 1.0:   # nothing cached: c is the bias
-        assert torch.equal(c, b.expand_as(c))
-    else:
-        assert rel_err(c, gemm_o.out_proj_cache_ref(a.double(), w.double(), b.double(), keep, D, off, bq)) < REL_TOL[dtype]
-    y = gemm_o.sparse_linear_o_triton(a, w, c, keep, e, ew, D, off, bq, config=cfg, out=_poison(batch, M, N, dtype),
-                                      programs=programs)
-    d64 = (lambda t: None if t is None else t.double())
-    y_ref = gemm_o.sparse_linear_o_ref(a.double(), w.double(), c.double(), keep, d64(e), d64(ew), D, off, bq)
-    assert rel_err(y, y_ref) < REL_TOL[dtype]
-    if density == 0.0 and e is None:   # c through the identity product is exact
-        assert torch.equal(y, c)
-    st = L.launch_stats()   # both launches took the persistent kernel (the interpreter counts them as fallbacks)
-    assert set(st) == {"_gemm_o_persistent_kernel"}
-    assert sum(st["_gemm_o_persistent_kernel"][k] for k in ("hits", "misses", "fallbacks")) == 2
-
-
-@pytest.mark.parametrize("dtype, N, extra", [(torch.float32, 80, None), (torch.float16, 72, None), (torch.float16, 80, 40)])
-def test_gemm_o_persistent_declines_to_the_tile_kernel(dtype, N, extra):
-    """float32 (c times the identity would run in tf32), N or KE not a multiple of 16 (an unaligned
-    reduction-axis mask: no pipelining): the per-tile kernel runs, with the same results."""
-    D, M, off, bq = 64, 48, 13, 32
-    a, w, c = _rand(1, M, H * D, dtype=dtype, seed=1), _rand(N, H * D, dtype=dtype, seed=2), _rand(1, M, N, dtype=dtype, seed=3)
-    e, ew = (_rand(1, M, extra, dtype=dtype, seed=5), _rand(N, extra, dtype=dtype, seed=6)) if extra else (None, None)
-    keep = _symbols(1, _nqb(M, off, bq), 0.5)
-    L.clear_launch_cache()
-    y = gemm_o.sparse_linear_o_triton(a, w, c, keep, e, ew, D, off, bq, config=PERSIST, programs=2)
-    assert torch.equal(y, gemm_o.sparse_linear_o_triton(a, w, c, keep, e, ew, D, off, bq, config=SMALL))
-    assert set(L.launch_stats()) == {"_gemm_o_kernel"}
-
-
 @pytest.mark.parametrize("select_kept, cfg, dtype", [
-    (True, SMALL, torch.float32), (False, TMA, torch.float32), (True, PERSIST, torch.float16),
-    (False, PERSIST, torch.float16)])
+    (True, SMALL, torch.float32), (False, TMA, torch.float32), (True, SMALL, torch.float16),
+    (False, TMA, torch.float16)])
 def test_gemm_o_reads_only_selected_heads(select_kept, cfg, dtype):
     """Heads outside the reduction hold NaN in ``a``: a kernel that read them would return NaN."""
     D, M, off, bq, N = 64, 96, 16, 32, 48
@@ -229,10 +176,10 @@ def test_gemm_o_reads_only_selected_heads(select_kept, cfg, dtype):
     sel = gemm_q.row_keep(keep, M, off, bq).repeat_interleave(D, dim=-1)
     a = torch.where(sel if select_kept else ~sel, a, float("nan"))
     if select_kept:
-        y = gemm_o.sparse_linear_o_triton(a, w, c, keep, None, None, D, off, bq, config=cfg, programs=2)
+        y = gemm_o.sparse_linear_o_triton(a, w, c, keep, None, None, D, off, bq, config=cfg)
         ref = gemm_o.sparse_linear_o_ref(a.double(), w.double(), c.double(), keep, None, None, D, off, bq)
     else:
-        y = gemm_o.out_proj_cache_triton(a, w, None, keep, D, off, bq, config=cfg, programs=2)
+        y = gemm_o.out_proj_cache_triton(a, w, None, keep, D, off, bq, config=cfg)
         ref = gemm_o.out_proj_cache_ref(a.double(), w.double(), None, keep, D, off, bq)
     assert rel_err(y, ref) < REL_TOL[dtype]
 

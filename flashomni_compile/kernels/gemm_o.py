@@ -28,23 +28,12 @@ same for every row of a tile: the kernel loads the tile's q_keep row, packs the 
 a time into a bit mask, and walks the set bits (lowest first) in one flat loop of ``count * KSTEPS``
 steps, so the software pipeline stays unbroken. No host sync, no derived tensor, no data-dependent grid.
 
-On sm_90 the launcher hands the calls ``gemm_o_sm90.supports`` takes to the persistent warp-specialised
-Gluon kernel of ``gemm_o_sm90.py`` (``Config.gluon``: its consumer tile and ring depth; the launch table
-sets it for sm_90, ``FLASHOMNI_GLUON=0`` turns it off). The rest run on one of two Triton kernels,
-chosen by ``Config.persistent`` (the launch table keeps the per-tile one):
-
-* ``_gemm_o_kernel``: one program per output tile (grid = tiles x B); c is loaded before the
-  reduction and added in the epilogue.
-* ``_gemm_o_persistent_kernel``: ``persistent`` programs per SM, program p owning the tiles p, p + P,
-  ...; each program walks all its tiles' work items (one item = one BLOCK_K slice of one operand pair)
-  in ONE loop, so Triton's software pipeline fetches the next tile's first operands while the current
-  tile reduces, and a tile's fixed latencies (q_keep row, pipeline fill, epilogue) stop adding up tile
-  after tile. c enters through that pipeline as BLOCK_N / BLOCK_K extra items ``c_slice @ EYE_slice``
-  (EYE: the identity, exact in the fp32 accumulator); a pass over the program's q_keep rows first gives
-  the loop's trip count. Extra notation: C_STEPS (items of c per tile), EVEN (constexpr: no item needs
-  a mask on the reduction axis), CHUNK (tiles per q_keep gather of that first pass). It runs 2-byte
-  dtypes with at most 63 heads (one int64 mask), N and KE multiples of 16 and D of 8; other calls take
-  the per-tile kernel (``_persistent_ok`` says why).
+Two kernels. On sm_90 the launcher hands the calls ``gemm_o_sm90.supports`` takes to the persistent
+warp-specialised Gluon kernel of ``gemm_o_sm90.py`` (``Config.gluon``: its consumer tile and ring depth;
+the launch table sets it for sm_90, ``FLASHOMNI_GLUON=0`` turns it off). Every other call runs
+``_gemm_o_kernel`` here: one program per output tile (grid = tiles x B); c is loaded before the
+reduction and added in the epilogue. (A persistent Triton variant, one flat loop of work items per
+program, was measured no faster and removed: benchmarks/NOTES.md, "Persistent GEMM-O".)
 """
 
 from __future__ import annotations
@@ -59,14 +48,9 @@ from torch import Tensor
 from .gemm_q import (Config, as_rows, check_head_dim, check_symbols, check_tensor, dense_k_loop, descriptor, dot_f32,
                      grouped_tile, mma, row_keep, setup, tma_ok)
 from . import gemm_o_sm90
-from .launch import GLUON_ON, cdiv, launch, next_power_of_2
+from .launch import GLUON_ON, cdiv, launch
 
 _WORD = 32  # heads per bit mask of the per-tile kernel (it walks the heads a word at a time)
-_PERSISTENT_HEADS = 63   # the persistent kernel's one int64 bit mask per tile (bit 63 is the sign)
-_CHUNK = 64              # tiles whose q_keep rows the persistent kernel's first pass gathers at once
-_CPU_SMS = 4             # "SMs" of the interpreter: a few programs, each walking several tiles
-_SMS: dict[int, int] = {}
-_EYES: dict[tuple, Tensor] = {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,20 +64,6 @@ def _lowest_bit(bits):
     low = bits & (-bits)
     index = (low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
     return low, index
-
-
-@triton.jit
-def _head_bits(KEEP_ROW, heads, stride_kh, SELECT_KEPT: tl.constexpr, WORD: tl.constexpr):
-    """(bit mask, count) of the heads ``0 .. min(heads, WORD) - 1`` of one q_keep row that are in the
-    reduction: q_keep = 1 (SELECT_KEPT) or = 0 (the cache); bit i <=> head i."""
-    offs = tl.arange(0, WORD)
-    kv = tl.load(KEEP_ROW + offs * stride_kh, mask=offs < heads, other=0)
-    if SELECT_KEPT:
-        sel = (kv != 0) & (offs < heads)
-    else:
-        sel = (kv == 0) & (offs < heads)
-    bits = tl.sum(tl.where(sel, tl.full([WORD], 1, tl.int64) << offs.to(tl.int64), 0), axis=0)
-    return bits, tl.sum(sel.to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -179,162 +149,6 @@ def _gemm_o_kernel(A, W, C, BIAS, E, EW, Y, KEEP,
              acc.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _tile(tile, tiles_mn, num_tiles_m, num_tiles_n, FIRST_TILE, ROW_OFFSET, BLOCK_M: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tile index (scalar or vector) -> (batch, q-block, first local row m0, first column n0)."""
-    b = tile // tiles_mn
-    tile_m, tile_n = grouped_tile(tile - b * tiles_mn, num_tiles_m, num_tiles_n, GROUP_M)
-    joint_m0 = (FIRST_TILE + tile_m) * BLOCK_M
-    return b, joint_m0 // BLOCK_Q, joint_m0 - ROW_OFFSET, tile_n * BLOCK_N
-
-
-@triton.jit
-def _gemm_o_persistent_kernel(A, W, C, BIAS, E, EW, Y, KEEP, EYE,
-                              B, M, N, H, KE, ROW_OFFSET, FIRST_TILE, NUM_TILES_M, NUM_PROGS,
-                              stride_ab, stride_am, stride_ak, stride_wn, stride_wk,
-                              stride_cb, stride_cm, stride_cn, stride_eb, stride_em, stride_ek, stride_ewn, stride_ewk,
-                              stride_yb, stride_ym, stride_yn, stride_kb, stride_kh, stride_kq,
-                              HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, SELECT_KEPT: tl.constexpr,
-                              HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              HAS_EXTRA: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                              WORD: tl.constexpr, CHUNK: tl.constexpr, DOT_F32: tl.constexpr):
-    # Program p owns the tiles p, p + NUM_PROGS, ... (batch-major, GROUP_M-swizzled as above) and walks
-    # their work items in ONE flat loop, so the software pipeline prefetches the next tile's first
-    # operands while the current tile reduces. A tile's items, in order:
-    #   C_STEPS  C items (HAS_C): acc += c[:, n0 + s*BK : +BK] @ EYE[s*BK : +BK, :], which is exactly c
-    #            (products with 1 and 0 are exact in the fp32 accumulator); c thus arrives through the
-    #            pipelined operand loads instead of an epilogue load whose latency nothing would hide
-    #   count * KSTEPS head items (the selected heads, lowest first; KSTEPS steps each)
-    #   e_steps  extra items (HAS_EXTRA: the dense K-range)
-    # and at least one item (an all-masked one when it has none), whose epilogue stores y.
-    # One pair of loads per item, from a, c or e (and W, EYE or EW): the source is a pointer select,
-    # which tensor descriptors cannot do, so this kernel reads through pointers (cp.async).
-    KSTEPS: tl.constexpr = (HEAD_DIM + BLOCK_K - 1) // BLOCK_K
-    C_STEPS: tl.constexpr = BLOCK_N // BLOCK_K if HAS_C else 0
-    pid = tl.program_id(0)
-    num_tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles_mn = NUM_TILES_M * num_tiles_n
-    my_tiles = tl.cdiv(B * tiles_mn - pid, NUM_PROGS)      # the grid is at most the tile count: >= 1
-    if HAS_EXTRA:
-        e_steps = tl.cdiv(KE, BLOCK_K)
-    else:
-        e_steps = 0
-
-    # Pass 1: the loop's trip count, the sum of the program's item counts, from the q_keep rows of all
-    # its tiles gathered CHUNK tiles at a time (one load latency per program, not per tile).
-    offs_h = tl.arange(0, WORD)
-    total = pid * 0
-    for c0 in range(0, my_tiles, CHUNK):
-        offs_t = c0 + tl.arange(0, CHUNK)
-        t_ok = offs_t < my_tiles
-        tb, tqb, _, _ = _tile(pid + offs_t * NUM_PROGS, tiles_mn, NUM_TILES_M, num_tiles_n, FIRST_TILE, ROW_OFFSET,
-                              BLOCK_M, BLOCK_N, BLOCK_Q, GROUP_M)
-        ok = t_ok[:, None] & (offs_h < H)[None, :]
-        kv = tl.load(KEEP + tb[:, None] * stride_kb + offs_h[None, :] * stride_kh + tqb[:, None] * stride_kq,
-                     mask=ok, other=0)
-        if SELECT_KEPT:
-            sel = (kv != 0) & ok
-        else:
-            sel = (kv == 0) & ok
-        items = tl.maximum(C_STEPS + tl.sum(sel.to(tl.int32), axis=1) * KSTEPS + e_steps, 1)
-        total += tl.sum(tl.where(t_ok, items, 0), axis=0)
-
-    # Pass 2: the items. State: tile i of the program, item j of n_items, the selected heads not yet
-    # finished (bits, lowest = current head), the tile's coordinates.
-    offs_bm = tl.arange(0, BLOCK_M)
-    offs_bn = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    i = pid * 0 - 1
-    j = pid * 0
-    n_items = pid * 0
-    count = pid * 0
-    bits = (pid * 0).to(tl.int64)
-    b = (pid * 0).to(tl.int64)
-    m0 = pid * 0
-    n0 = pid * 0
-    for _ in range(0, total):
-        if j == n_items:   # the next tile: its q_keep row (pass 1 read it: likely cached) and coordinates
-            i += 1
-            j -= n_items   # = 0 (j == n_items here), in j's type
-            tb, qb, m0, n0 = _tile(pid + i * NUM_PROGS, tiles_mn, NUM_TILES_M, num_tiles_n, FIRST_TILE, ROW_OFFSET,
-                                   BLOCK_M, BLOCK_N, BLOCK_Q, GROUP_M)
-            b = tb.to(tl.int64)
-            bits, count = _head_bits(KEEP + b * stride_kb + qb * stride_kq, H, stride_kh, SELECT_KEPT, WORD)
-            n_items = tl.maximum(C_STEPS + count * KSTEPS + e_steps, 1)
-        # The item: a head item by default, then the C / extra / empty cases select their sources.
-        jh = j - C_STEPS                     # < 0: a C item
-        je = jh - count * KSTEPS             # >= 0: an extra item (or the empty one)
-        is_h = (jh >= 0) & (je < 0)
-        low, hidx = _lowest_bit(bits)
-        step = tl.maximum(jh, 0) % KSTEPS
-        x_base = A + b * stride_ab + m0.to(tl.int64) * stride_am
-        x_srow = stride_am
-        x_scol = stride_ak
-        x_col = hidx * HEAD_DIM + step * BLOCK_K
-        k_lim = HEAD_DIM - step * BLOCK_K                   # columns of the step inside its head
-        w_base = W + n0.to(tl.int64) * stride_wn
-        w_srow = stride_wn
-        w_scol = stride_wk
-        w_col = x_col
-        n_lim = N - n0
-        live = is_h
-        if HAS_C:
-            is_c = jh < 0
-            x_base = tl.where(is_c, C + b * stride_cb + m0.to(tl.int64) * stride_cm, x_base)
-            x_srow = tl.where(is_c, stride_cm, x_srow)
-            x_scol = tl.where(is_c, stride_cn, x_scol)
-            x_col = tl.where(is_c, n0 + j * BLOCK_K, x_col)
-            k_lim = tl.where(is_c, N - n0 - j * BLOCK_K, k_lim)
-            w_base = tl.where(is_c, EYE, w_base)          # EYE [BLOCK_N, BLOCK_N], contiguous
-            w_srow = tl.where(is_c, BLOCK_N, w_srow)
-            w_scol = tl.where(is_c, 1, w_scol)
-            w_col = tl.where(is_c, j * BLOCK_K, w_col)
-            n_lim = tl.where(is_c, BLOCK_N, n_lim)
-            live = live | is_c
-        if HAS_EXTRA:
-            is_e = (je >= 0) & (je < e_steps)
-            x_base = tl.where(is_e, E + b * stride_eb + m0.to(tl.int64) * stride_em, x_base)
-            x_srow = tl.where(is_e, stride_em, x_srow)
-            x_scol = tl.where(is_e, stride_ek, x_scol)
-            x_col = tl.where(is_e, je * BLOCK_K, x_col)
-            k_lim = tl.where(is_e, KE - je * BLOCK_K, k_lim)
-            w_base = tl.where(is_e, EW + n0.to(tl.int64) * stride_ewn, w_base)
-            w_srow = tl.where(is_e, stride_ewn, w_srow)
-            w_scol = tl.where(is_e, stride_ewk, w_scol)
-            w_col = tl.where(is_e, je * BLOCK_K, w_col)
-            live = live | is_e
-        # Rows outside [0, M) and, for the empty item, everything read as zeros (and are not fetched).
-        row_lo = tl.where(live, -m0, BLOCK_M)
-        x_ok = (offs_bm >= row_lo) & (offs_bm < M - m0)
-        n_ok = offs_bn < tl.where(live, n_lim, 0)
-        x_ptrs = x_base + offs_bm[:, None] * x_srow + (x_col + offs_k)[None, :] * x_scol
-        w_ptrs = w_base + offs_bn[None, :] * w_srow + (w_col + offs_k)[:, None] * w_scol
-        if EVEN:    # no step crosses a head's, c's or e's last column: no mask on the reduction axis
-            x = tl.load(x_ptrs, mask=x_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-        else:       # columns past the limit belong to the next head (or lie past the end): masked
-            k_ok = offs_k < k_lim
-            x = tl.load(x_ptrs, mask=x_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = mma(x, w, acc, DOT_F32)
-        bits = tl.where(is_h & (step == KSTEPS - 1), bits ^ low, bits)
-
-        if j == n_items - 1:   # the tile's last item: epilogue (a wait on the MMA only here)
-            offs_m = m0 + offs_bm
-            offs_n = n0 + offs_bn
-            mask = ((offs_m >= 0) & (offs_m < M))[:, None] & (offs_n < N)[None, :]
-            if HAS_BIAS:
-                acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-            Y_tile = Y + b * stride_yb + m0.to(tl.int64) * stride_ym
-            tl.store(Y_tile + offs_bm[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
-                     mask=mask)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        j += 1
-
-
 # ---------------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------------
@@ -367,12 +181,6 @@ def _launch(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[Tenso
                                        block_n=gn)
     has_extra = extra is not None
     e, ew = (extra, extra_weight) if has_extra else (a, weight)   # placeholders, never read
-    if _persistent_ok(a, N, c, e.shape[-1] if has_extra else 0, head_dim, cfg, block_k):
-        eye = _eye(a, cfg.block_n) if c is not None else a   # a: a placeholder, never read
-        if eye is not None:
-            _launch_persistent(a, weight, c, bias, keep, e, ew, has_extra, y, eye, head_dim, row_offset, block_q,
-                               select_kept, cfg, block_m, block_k, first, tiles_m, programs)
-            return y
     aa, wa, ea, ewa = a, weight, e, ew
     use_tma = cfg.tma and head_dim % block_k == 0
     if use_tma:
@@ -397,68 +205,11 @@ def _launch(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[Tenso
     return y
 
 
-def _persistent_ok(a: Tensor, n: int, c: Optional[Tensor], ke: int, head_dim: int, cfg: Config,
-                   block_k: int) -> bool:
-    """Whether ``cfg`` asks for the persistent kernel and the call fits it, else the per-tile kernel runs:
-    2-byte dtypes (float32 would multiply c by EYE in tf32, and its epilogue-add variant spilled registers
-    on sm_90), at most ``_PERSISTENT_HEADS`` heads, C items that tile BLOCK_N, and 16-byte aligned limits
-    on the reduction axis (N and KE multiples of 16, D of 8): the limits of all sources meet in one mask,
-    and with a less aligned one Triton did not pipeline the loads at all (sm_90 TTGIR, N = 3000)."""
-    return (cfg.persistent > 0 and a.element_size() == 2 and a.shape[-1] // head_dim <= _PERSISTENT_HEADS
-            and (c is None or cfg.block_n % block_k == 0) and n % 16 == 0 and ke % 16 == 0 and head_dim % 8 == 0)
-
-
-def _num_sms(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (asked once per device), or ``_CPU_SMS`` for the interpreter."""
-    if device.type != "cuda":
-        return _CPU_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
-
-
-def _eye(like: Tensor, n: int) -> Optional[Tensor]:
-    """The ``[n, n]`` identity in ``like``'s dtype and device (made once), or None while a CUDA graph is
-    being captured and it does not exist yet: made inside a capture it would hold its values only after
-    the first replay, so that call takes the per-tile kernel instead."""
-    key = (like.device, like.dtype, n)
-    eye = _EYES.get(key)
-    if eye is None:
-        if like.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        eye = _EYES[key] = torch.eye(n, dtype=like.dtype, device=like.device)
-    return eye
-
-
-def _launch_persistent(a, weight, c, bias, keep, e, ew, has_extra, y, eye, head_dim, row_offset, block_q,
-                       select_kept, cfg, block_m, block_k, first, tiles_m, programs) -> None:
-    """``_gemm_o_persistent_kernel`` on ``cfg.persistent`` programs per SM (``programs``: that many, for
-    tests), never more than there are tiles."""
-    B, M, K = a.shape
-    N = weight.shape[0]
-    ke = e.shape[-1] if has_extra else 0
-    even = head_dim % block_k == 0 and (c is None or N % cfg.block_n == 0) and (not has_extra or ke % block_k == 0)
-    tiles = B * tiles_m * cdiv(N, cfg.block_n)
-    progs = min(tiles, programs or cfg.persistent * _num_sms(a.device))
-    cc = c if c is not None else y
-    launch(
-        _gemm_o_persistent_kernel, (progs,),
-        a, weight, cc, bias if bias is not None else y, e, ew, y, keep, eye,
-        B, M, N, K // head_dim, ke, row_offset, first, tiles_m, progs,
-        a.stride(0), a.stride(1), a.stride(2), weight.stride(0), weight.stride(1),
-        cc.stride(0), cc.stride(1), cc.stride(2), e.stride(0), e.stride(1), e.stride(2), ew.stride(0), ew.stride(1),
-        y.stride(0), y.stride(1), y.stride(2), keep.stride(0), keep.stride(1), keep.stride(2),
-        HEAD_DIM=head_dim, BLOCK_Q=block_q, SELECT_KEPT=select_kept, HAS_C=c is not None, HAS_BIAS=bias is not None,
-        HAS_EXTRA=has_extra, EVEN=even, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m, WORD=max(16, next_power_of_2(K // head_dim)), CHUNK=_CHUNK,
-        DOT_F32=dot_f32(a), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def out_proj_cache_triton(a: Tensor, weight: Tensor, bias: Optional[Tensor], q_keep: Tensor, head_dim: int,
                           row_offset: int, block_q: int, config: Optional[Config] = None,
                           out: Optional[Tensor] = None, programs: Optional[int] = None) -> Tensor:
     """Triton launcher (same contract as ``out_proj_cache_ref``); ``config`` overrides the table,
-    ``out`` receives the result, ``programs`` sets the persistent kernel's grid (tests)."""
+    ``out`` receives the result, ``programs`` caps the Gluon kernel's grid (tests)."""
     return _launch(a, weight, None, bias, q_keep, None, None, head_dim, row_offset, block_q, False, config, out,
                    programs)
 
@@ -468,7 +219,7 @@ def sparse_linear_o_triton(a: Tensor, weight: Tensor, c: Tensor, q_keep: Tensor,
                            config: Optional[Config] = None, out: Optional[Tensor] = None,
                            programs: Optional[int] = None) -> Tensor:
     """Triton launcher (same contract as ``sparse_linear_o_ref``); ``config`` overrides the table,
-    ``out`` receives the result, ``programs`` sets the persistent kernel's grid (tests)."""
+    ``out`` receives the result, ``programs`` caps the Gluon kernel's grid (tests)."""
     return _launch(a, weight, c, None, q_keep, extra, extra_weight, head_dim, row_offset, block_q, True, config, out,
                    programs)
 

@@ -203,7 +203,6 @@ class Config(NamedTuple):
     num_stages: int
     tma: bool
     split_n: bool = False   # GEMM-Q: a tile whose two halves are not both kept runs as two half tiles
-    persistent: int = 0     # GEMM-O: > 0 runs the persistent kernel on that many programs per SM (gemm_o.py)
     # GEMM-O on sm_90: (block_m, block_n, stages) of the warp-specialised Gluon kernel (gemm_o_sm90.py), run
     # where it applies (its ``supports``); the fields above are the Triton kernel's for the other calls
     gluon: tuple = ()
