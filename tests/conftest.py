@@ -53,3 +53,24 @@ def _clear_runtime_override():
     yield
     if engine.runtime_options_override() is not None:
         engine.set_runtime_options(None)
+
+
+SM90_SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KB)
+
+
+def sm90_compile_rows(*args: str) -> list:
+    """Run ``sm90_compile_check.py *args`` in a subprocess (away from this process's triton state, with the
+    interpreter off so that it compiles for the stub sm_90 target) and return its JSON rows."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
+    env.pop("TRITON_INTERPRET", None)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile_check.py")), *args],
+                         capture_output=True, text=True, env=env, timeout=900)
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert run.returncode == 0 and rows, f"compile check failed:\n{run.stderr[-3000:]}"
+    return rows

@@ -9,18 +9,13 @@ and all-dense symbols, key padding, Taylor cache terms, both head dims, both 2-b
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REL_TOL, rel_err
+from conftest import REL_TOL, SM90_SMEM_LIMIT, rel_err, sm90_compile_rows
 from flashomni_compile.kernels import attention, attention_sm90
 from flashomni_compile.kernels.attention import KernelConfig, sparse_attention_ref, sparse_attention_triton
 from flashomni_compile.symbols import kv_block_lists, num_blocks
@@ -28,23 +23,15 @@ from flashomni_compile.symbols import kv_block_lists, num_blocks
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 GLUON = {"k3": KernelConfig(128, 128, 8, 3, gluon=True),          # K ring depth 3 (the table's) and 2
          "k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2)}
-SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KB)
 
 
 @pytest.mark.skipif(not attention_sm90.AVAILABLE, reason="this triton has no Gluon")
 def test_compiles_for_sm90_without_spills():
-    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
-    env.pop("TRITON_INTERPRET", None)   # compile for the (stub) GPU target, not the interpreter
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile_check.py"))],
-                         capture_output=True, text=True, env=env, timeout=900)
-    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert run.returncode == 0 and rows, f"compile check failed:\n{run.stderr[-3000:]}"
+    rows = sm90_compile_rows()
     assert len(rows) == 2 * len({r["variant"] for r in rows})
     for r in rows:
         assert r["spill"] == 0, f"register spill: {r}"
-        assert r["shared"] <= SMEM_LIMIT, f"over sm_90's shared memory: {r}"
+        assert r["shared"] <= SM90_SMEM_LIMIT, f"over sm_90's shared memory: {r}"
 
 
 def test_supports_declines_what_the_kernel_does_not_cover():

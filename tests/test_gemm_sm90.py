@@ -14,17 +14,12 @@ every program walks many tiles and both consumers alternate.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REL_TOL, rel_err
+from conftest import REL_TOL, SM90_SMEM_LIMIT, rel_err, sm90_compile_rows
 from flashomni_compile.kernels import gemm_o, gemm_o_sm90
 from flashomni_compile.kernels.gemm_q import Config
 
@@ -32,23 +27,15 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 GLUON = Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4))    # the table's sm_90 entry
 # the consumer tiles the kernel is built for (gemm_o_sm90.gemm_o_sm90: 128 x 128 and 64 x 256)
 TILES = {"128x128": GLUON._replace(gluon=(128, 128, 4)), "64x256": GLUON}
-SMEM_LIMIT = 232448       # bytes of shared memory one block may use on sm_90 (227 KB)
 ENTRY_SPILL = 8           # see the module docstring
 
 
 @pytest.mark.skipif(not gemm_o_sm90.AVAILABLE, reason="this triton has no Gluon")
 def test_compiles_for_sm90():
-    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
-    env.pop("TRITON_INTERPRET", None)   # compile for the (stub) GPU target, not the interpreter
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile_check.py")), "gemm_o"],
-                         capture_output=True, text=True, env=env, timeout=900)
-    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert run.returncode == 0 and rows, f"compile check failed:\n{run.stderr[-3000:]}"
+    rows = sm90_compile_rows("gemm_o")
     for r in rows:
         assert r["spill"] <= ENTRY_SPILL, f"register spill: {r}"
-        assert r["shared"] <= SMEM_LIMIT, f"over sm_90's shared memory: {r}"
+        assert r["shared"] <= SM90_SMEM_LIMIT, f"over sm_90's shared memory: {r}"
 
 
 def test_supports_declines_what_the_kernel_does_not_cover():

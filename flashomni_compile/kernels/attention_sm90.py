@@ -43,23 +43,13 @@ from __future__ import annotations
 
 import torch
 
+from .gluon_hopper import (AVAILABLE, GluonDescriptor, fence_async_shared, gl, gluon, mbarrier, tma_ok,
+                           warpgroup_mma, warpgroup_mma_wait)
+from .gluon_hopper import tma_load as _tma_load
 from .launch import capability
-
-try:  # Gluon (triton >= 3.5); without it every call takes the Triton kernel
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
-    # The TMA load was renamed between the two triton versions this runs on (3.6: the long name).
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _LN2 = gl.constexpr(0.6931471805599453)    # lse = log2-sum * ln(2)
-except ImportError:  # pragma: no cover - older triton
-    gluon = None
 
 __all__ = ["supports", "sparse_attention_sm90", "AVAILABLE"]
 
-AVAILABLE = gluon is not None
 BLOCK_M = 128
 BLOCK_N = 128
 K_STAGES = 3
@@ -81,14 +71,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, bl
     return all(tma_ok(t) for t in (q, k, v))
 
 
-def tma_ok(t: torch.Tensor) -> bool:
-    """TMA needs a unit last stride and 16-byte aligned base and outer strides."""
-    es = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all((s * es) % 16 == 0 for s in t.stride()[:-1]))
-
-
 if AVAILABLE:
+    _LN2 = gl.constexpr(0.6931471805599453)    # lse = log2-sum * ln(2)
+
     @gluon.jit
     def _softmax_tile(s, m_i, l_i, start_n, KPM_b, stride_kpm_n, Nkv, qk_scale,
                       s_layout: gl.constexpr, BLOCK_N: gl.constexpr, HAS_KPM: gl.constexpr,

@@ -50,24 +50,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .gluon_hopper import (AVAILABLE, GluonDescriptor, fence_async_shared, gl, gluon, mbarrier, tma, tma_ok,
+                           warpgroup_mma, warpgroup_mma_wait)
+from .gluon_hopper import tma_load as _tma_load
+from .gluon_hopper import tma_store as _tma_store
 from .launch import capability
-
-try:  # Gluon (triton >= 3.5); without it every call takes the Triton kernel
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
-    # The TMA copies were renamed between the two triton versions this runs on (3.6: the long names;
-    # 3.9 keeps those only as functions that raise).
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-except ImportError:  # pragma: no cover - older triton
-    gluon = None
 
 __all__ = ["supports", "gemm_o_sm90", "AVAILABLE"]
 
-AVAILABLE = gluon is not None
 BLOCK_M = 128
 BLOCK_N = 128
 BLOCK_K = 64
@@ -75,13 +65,6 @@ STAGES = 4      # ring of A/W slices, 4 x 32 KB (64 x 256 tiles: 40 KB), + 2 C/Y
 GROUP_M = 8     # row tiles that sweep the column tiles together (L2 reuse of W)
 WORD = 32       # heads per q_keep load of the head walk
 _SMS: dict[int, int] = {}
-
-
-def _tma_ok(t: Tensor) -> bool:
-    """A tensor a TMA descriptor can address: unit last stride, 16-byte aligned base and outer strides."""
-    es = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
-            and t.numel() > 0)
 
 
 def supports(a: Tensor, weight: Tensor, c: Optional[Tensor], extra: Optional[Tensor], extra_weight: Optional[Tensor],
@@ -95,7 +78,7 @@ def supports(a: Tensor, weight: Tensor, c: Optional[Tensor], extra: Optional[Ten
         return False
     if extra is not None and extra.shape[-1] % BLOCK_K:
         return False
-    return all(_tma_ok(t) for t in (a, weight, c, extra, extra_weight, y) if t is not None)
+    return all(t.numel() > 0 and tma_ok(t) for t in (a, weight, c, extra, extra_weight, y) if t is not None)
 
 
 if AVAILABLE:
