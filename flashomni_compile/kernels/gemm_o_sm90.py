@@ -54,7 +54,7 @@ from .gluon_hopper import (AVAILABLE, GluonDescriptor, fence_async_shared, gl, g
                            warpgroup_mma, warpgroup_mma_wait)
 from .gluon_hopper import tma_load as _tma_load
 from .gluon_hopper import tma_store as _tma_store
-from .launch import capability
+from .launch import capability, cdiv
 
 __all__ = ["supports", "gemm_o_sm90", "AVAILABLE"]
 
@@ -121,6 +121,18 @@ if AVAILABLE:
         return n
 
     @gluon.jit
+    def _fill_stage(desc_x, desc_wt, bi, m0, n0, k0, a_smem, w_smem, ready, empty, cnt, STAGES: gl.constexpr,
+                    nbytes: gl.constexpr):
+        """The ring's ``cnt``-th fill: once its stage is free, the ``[m0, k0]`` slice of x and the
+        ``[n0, k0]`` slice of its weight by TMA onto the stage's ready barrier. Returns ``cnt + 1``."""
+        s = cnt % STAGES
+        mbarrier.wait(empty.index(s), ((cnt // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), nbytes)
+        _tma_load(desc_x, [bi, m0, k0], ready.index(s), a_smem.index(s))
+        _tma_load(desc_wt, [n0, k0], ready.index(s), w_smem.index(s))
+        return cnt + 1
+
+    @gluon.jit
     def _loader(args, SELECT_KEPT: gl.constexpr, HAS_C: gl.constexpr, HAS_BIAS: gl.constexpr,
                 HAS_EXTRA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
                 GROUP_M: gl.constexpr, WORD: gl.constexpr, X: gl.constexpr):
@@ -155,21 +167,12 @@ if AVAILABLE:
                     # the next selected head after h: lowest selected index above it
                     h = h0 + gl.min(gl.where(sel & (h0 + offs > h), offs, WORD), axis=0)
                     for ks in gl.static_range(KSTEPS):
-                        s = cnt % STAGES
-                        mbarrier.wait(empty.index(s), ((cnt // STAGES) & 1) ^ 1)
-                        mbarrier.expect(ready.index(s), ab_bytes)
-                        k0 = h * HEAD_DIM + ks * BLOCK_K
-                        _tma_load(desc_a, [bi, m0, k0], ready.index(s), a_smem.index(s))
-                        _tma_load(desc_w, [n0, k0], ready.index(s), w_smem.index(s))
-                        cnt += 1
+                        cnt = _fill_stage(desc_a, desc_w, bi, m0, n0, h * HEAD_DIM + ks * BLOCK_K, a_smem, w_smem,
+                                          ready, empty, cnt, STAGES, ab_bytes)
             if HAS_EXTRA:
                 for k0 in range(0, KE, BLOCK_K):
-                    s = cnt % STAGES
-                    mbarrier.wait(empty.index(s), ((cnt // STAGES) & 1) ^ 1)
-                    mbarrier.expect(ready.index(s), ab_bytes)
-                    _tma_load(desc_e, [bi, m0, k0], ready.index(s), a_smem.index(s))
-                    _tma_load(desc_ew, [n0, k0], ready.index(s), w_smem.index(s))
-                    cnt += 1
+                    cnt = _fill_stage(desc_e, desc_ew, bi, m0, n0, k0, a_smem, w_smem, ready, empty, cnt, STAGES,
+                                      ab_bytes)
             j += 1
 
     @gluon.jit
@@ -193,8 +196,8 @@ if AVAILABLE:
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             b, qb, m0, n0 = _tile_coords(t, tiles_m * tiles_n, tiles_m, tiles_n, FIRST_TILE, BLOCK_M, BLOCK_N,
                                          BLOCK_Q, GROUP_M)
-            n = _tile_steps(KEEP, b, qb, H, KE if HAS_EXTRA else 0, stride_kb, stride_kh, stride_kq, SELECT_KEPT,
-                            KSTEPS, BLOCK_K, WORD, word)
+            n = _tile_steps(KEEP, b, qb, H, KE, stride_kb, stride_kh, stride_kq, SELECT_KEPT, KSTEPS, BLOCK_K, WORD,
+                            word)   # KE is 0 without an extra range
             if j % 2 != X:
                 # The other consumer's tile: see each of its stages land and release it at once, without
                 # reading it. A barrier tells a stage's uses apart only by parity, so each consumer must
@@ -300,7 +303,7 @@ def gemm_o_sm90(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[T
     has_extra = extra is not None
     desc_e = _descriptor(extra, blk_a) if has_extra else desc_a                 # placeholders, never read
     desc_ew = _descriptor(extra_weight, blk_w) if has_extra else desc_w
-    tiles_m, tiles_n = -(-M // block_m), -(-N // block_n)
+    tiles_m, tiles_n = cdiv(M, block_m), cdiv(N, block_n)
     num_tiles = B * tiles_m * tiles_n
     grid = (min(num_tiles, programs or (_num_sms(a.device) if a.is_cuda else 1)),)
     launch(
@@ -311,7 +314,8 @@ def gemm_o_sm90(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[T
         SELECT_KEPT=select_kept, HAS_C=c is not None, HAS_BIAS=bias is not None, HAS_EXTRA=has_extra,
         HEAD_DIM=head_dim, BLOCK_Q=block_q, STAGES=stages, GROUP_M=GROUP_M, WORD=WORD,
         # 4 warps here (consumer 0) + 4 (consumer 1) + 1 loader warp: the partitions redistribute the
-        # registers to 232 / 232 / 56 a thread (setmaxnreg).
+        # registers to 232 / 232 / 40 a thread (setmaxnreg; 3 warpgroups x 128 threads x 168 = 64512 =
+        # 2 x 128 x 232 + 128 x 40: more for the loader spills the consumers).
         num_warps=4, maxnreg=168,
     )
     return y
