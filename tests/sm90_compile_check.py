@@ -39,10 +39,10 @@ def main() -> None:
         q_keep = torch.empty(1, H, nb, dtype=torch.bool) if cached else None
         cache = torch.empty_like(q) if cached else None
         mask = torch.empty(1, N, dtype=torch.bool) if kpm else None
-        full = torch.empty(1, H, nb, dtype=torch.int32) if kpm and lists else None
+        flags = torch.empty(1, nb, dtype=torch.uint8) if kpm else None     # attention.masked_kv_blocks
         built = []
         with sm90_target():
-            operands = tuple(t if t is not None else q for t in (cache, cache, None, q_keep, cnt, idx, full, mask))
+            operands = tuple(t if t is not None else q for t in (cache, cache, None, q_keep, cnt, idx, flags, mask))
             strides = (*operands[0].stride(), *(q_keep.stride() if cached else (0, 0, 0)),
                        *(cnt.stride() if lists else (0, 0, 0)), *(idx.stride() if lists else (0, 0, 0, 0)),
                        *(mask.stride() if kpm else (0, 0)))

@@ -216,6 +216,21 @@ def test_suffix_padding_takes_the_unmasked_loop_where_it_can(device, gen):
     assert_close(out, lse, ref_out, ref_lse, torch.bfloat16, gen.initial_seed())
 
 
+def test_masked_kv_blocks_flags_padded_and_partial_blocks(device):
+    """The Gluon kernel's per-block mask flags: a block is flagged iff it holds a padded key or keys past
+    Nkv (the partial last block)."""
+    from flashomni_compile.kernels.attention import masked_kv_blocks
+
+    kpm = torch.ones(2, 300, dtype=torch.bool, device=device)
+    kpm[0, 70] = False                    # one key of block 1
+    kpm[0, 128:192] = False               # all of block 2
+    kpm[1, :] = False                     # every key
+    flags = masked_kv_blocks(kpm, 64)
+    assert flags.dtype == torch.uint8 and flags.is_contiguous() and flags.shape == (2, 5)
+    assert flags.tolist() == [[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]]
+    assert masked_kv_blocks(kpm[:, :256], 64).tolist() == [[0, 1, 1, 0], [1, 1, 1, 1]]   # no partial block
+
+
 def test_lse_merges_split_attention(device, gen):
     """LSE is what merging partial attentions needs: attention over kv-blocks {0} and {1, 2} merged by
     their LSEs equals attention over all three."""

@@ -46,15 +46,33 @@ def test_supports_declines_what_the_kernel_does_not_cover():
         assert not attention_sm90.supports(y.float(), y.float(), y.float(), 128, 128)
 
 
-# (Nq, Nkv, D, dtype, kv density, q density, layout, key padding, Taylor terms)
+# (Nq, Nkv, D, dtype, kv density, q density, layout, key padding, Taylor terms); key padding: None,
+# "random" (every key masked with p = 0.2, so every block takes the masked path) or "runs" (a few masked
+# runs: clean, partly masked and fully masked blocks in one row, a masked block first in the lists)
 CASES = [
-    (1024, 1024, 128, torch.bfloat16, 1.0, 1.0, "bnhd", False, 0),   # dense, no lists
-    (1000, 1000, 128, torch.bfloat16, 0.5, 0.6, "bnhd", False, 1),   # partial last blocks, cache copy
-    (640, 1000, 64, torch.float16, 0.4, 1.0, "bhnd", True, 0),       # Nq != Nkv, key padding
-    (1000, 1000, 64, torch.bfloat16, 0.7, 0.5, "bnhd", True, 3),     # padding + lists + 3 Taylor terms
-    (520, 520, 128, torch.float16, 0.0, 1.0, "bhnd", False, 0),      # every row empty -> zeros
-    (520, 520, 128, torch.bfloat16, 0.5, 0.0, "bnhd", False, 2),     # every q-block cached
+    (1024, 1024, 128, torch.bfloat16, 1.0, 1.0, "bnhd", None, 0),      # dense, no lists
+    (1000, 1000, 128, torch.bfloat16, 0.5, 0.6, "bnhd", None, 1),      # partial last blocks, cache copy
+    (640, 1000, 64, torch.float16, 0.4, 1.0, "bhnd", "random", 0),     # Nq != Nkv, key padding
+    (1000, 1000, 64, torch.bfloat16, 0.7, 0.5, "bnhd", "random", 3),   # padding + lists + 3 Taylor terms
+    (1024, 1000, 128, torch.bfloat16, 1.0, 1.0, "bnhd", "runs", 0),    # dense + padding runs
+    (1000, 1152, 128, torch.float16, 0.6, 1.0, "bhnd", "runs", 0),     # lists + padding runs
+    (520, 520, 128, torch.float16, 0.0, 1.0, "bhnd", None, 0),         # every row empty -> zeros
+    (520, 520, 128, torch.bfloat16, 0.5, 0.0, "bnhd", None, 2),        # every q-block cached
 ]
+
+
+def _padding(kind, B, Nkv, g):
+    if kind is None:
+        return None
+    if kind == "random":
+        kpm = torch.rand(B, Nkv, generator=g, device="cuda") < 0.8
+    else:
+        kpm = torch.ones(B, Nkv, dtype=torch.bool, device="cuda")
+        kpm[:, 5:40] = False                                    # inside block 0
+        kpm[:, 256:384] = False                                 # all of block 2
+        kpm[:, Nkv - 64:] = False                               # the tail, as a text padding
+    kpm[1, :] = False                                           # batch 1: every key padded
+    return kpm
 
 
 @pytest.mark.skipif(not (HOPPER and attention_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")
@@ -81,9 +99,7 @@ def test_matches_reference(Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms, 
     cache, c1, c2 = (caches + [None, None])[:3] if terms else (None, None, None)
     if cache is None:
         q_keep[:] = True
-    kpm = torch.rand(B, Nkv, generator=g, device="cuda") < 0.8 if padded else None
-    if padded:
-        kpm[1, :] = False                                       # batch 1: every key padded
+    kpm = _padding(padded, B, Nkv, g)
     cnt, idx = kv_block_lists(kv_keep) if kv_d < 1 else (None, None)
     scale, delta = 1.0 / math.sqrt(D), 0.7
 
@@ -125,3 +141,29 @@ def test_table_routes_long_sequences_to_gluon(N, routed, monkeypatch):
     assert bool(launched) == routed
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.skipif(not (HOPPER and attention_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")
+def test_engine_dense_attention_with_padding_takes_gluon(monkeypatch):
+    """The runtime's dense attention (update and warm-up steps) goes to the Gluon kernel when a key padding
+    mask is given (SDPA reads the mask as a bias there) and to SDPA without one; both match SDPA."""
+    from flashomni_compile.runtime import engine
+
+    g = torch.Generator("cuda").manual_seed(random.SystemRandom().randrange(2 ** 31))
+    N = attention.GLUON_MIN_NKV + 40
+    q, k, v = (torch.randn(1, N, 2, 128, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    kpm = torch.ones(1, N, dtype=torch.bool, device="cuda")
+    kpm[:, -100:] = False
+    launched = []
+    real_launch = attention_sm90.sparse_attention_sm90
+    monkeypatch.setattr(attention_sm90, "sparse_attention_sm90",
+                        lambda *a, **kw: launched.append(1) or real_launch(*a, **kw))
+    for mask in (kpm, None):
+        launched.clear()
+        out = engine._dense_attention(q, k, v, mask, 128 ** -0.5)
+        assert bool(launched) == (mask is not None)
+        assert out.transpose(1, 2).is_contiguous()
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=None if mask is None else mask[:, None, None, :])
+        assert rel_err(out, ref) < REL_TOL[torch.bfloat16]

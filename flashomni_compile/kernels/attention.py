@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - older triton
     TensorDescriptor = None
 
 __all__ = ["sparse_attention_triton", "sparse_attention_ref", "empty_output", "kv_keep_from_lists",
-           "KernelConfig", "launch_config"]
+           "KernelConfig", "launch_config", "gluon_takes", "masked_kv_blocks"]
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the native MUFU instruction
 _LN2 = tl.constexpr(0.6931471805599453)  # lse = log2-sum * ln(2)
@@ -307,6 +307,12 @@ _INTERP = KernelConfig(64, 64, 4, 1)
 GLUON_MIN_NKV = 8192
 
 
+def gluon_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_kv: int = 128) -> bool:
+    """Whether the launch table sends this call to the Gluon kernel of ``attention_sm90.py``."""
+    return (q.is_cuda and GLUON_ON and k.shape[2] >= GLUON_MIN_NKV and launch_config(q.device, q.shape[-1]).gluon
+            and attention_sm90.supports(q, k, v, block_q, block_kv))
+
+
 def _arch(device: torch.device) -> str:
     if device.type != "cuda":
         return "interp"
@@ -356,10 +362,16 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Capping by the symbol blocks keeps a kept symbol block a whole number of tiles (powers of two).
     block_m, block_n = min(cfg.block_m, block_q), min(cfg.block_n, block_kv)
     stages = cfg.stages(lists=kv_count is not None)
-    # With a key padding mask and lists, the lists are reordered so that the blocks holding a masked
-    # key (or the partial last block) come last: the rest run the unmasked, fully pipelined loop.
+    gluon = (cfg.gluon and attention_sm90.supports(q, k, v, block_q, block_kv)) if config is not None else \
+        gluon_takes(q, k, v, block_q, block_kv)
+    # With a key padding mask, only the tiles of blocks holding a masked key (or the partial last block)
+    # take the masked path. The Gluon kernel reads a per-block flag (``masked_kv_blocks``) for each tile
+    # it visits, in any order; the Triton kernel's two loops need the lists reordered so that those blocks
+    # come last (``split_masked_blocks``), and without lists send every tile through the masked loop.
     kv_full = None
-    if key_padding_mask is not None and kv_count is not None:
+    if key_padding_mask is not None and gluon:
+        kv_full = masked_kv_blocks(key_padding_mask, block_kv)
+    elif key_padding_mask is not None and kv_count is not None:
         kv_index, kv_full = split_masked_blocks(kv_count, kv_index, key_padding_mask, block_kv)
     # The masked loop covers only the partial last kv-block (and blocks with masked keys) unless a key
     # padding mask without lists sends every tile through it; 2 stages there keep both loops' buffers
@@ -369,7 +381,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # fp32 tiles take twice the shared memory: 128x128 fp32 K/V tiles overflow Hopper's 227 KB.
         block_m, block_n = min(block_m, 64), min(block_n, 64 if block_d <= 128 else 32)
         stages = masked_stages = 2
-    if kv_full is not None and kv_full.stride() != kv_count.stride():
+    if kv_full is not None and not gluon and kv_full.stride() != kv_count.stride():
         raise AssertionError("kv_full must share kv_count's strides (both kernels read both with them)")
     out, lse = empty_output(q, v)
     terms = cache_terms(cache, cache1, cache2)
@@ -383,8 +395,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        *(kv_count.stride() if kv_count is not None else (0, 0, 0)),
                        *(kv_index.stride() if kv_index is not None else (0, 0, 0, 0)),
                        *(key_padding_mask.stride() if key_padding_mask is not None else (0, 0)))
-    if cfg.gluon and (config is not None or (GLUON_ON and Nkv >= GLUON_MIN_NKV)) and attention_sm90.supports(
-            q, k, v, block_q, block_kv):
+    if gluon:
         attention_sm90.sparse_attention_sm90(q, k, v, operands, operand_strides, q_keep is not None,
                                              kv_count is not None, key_padding_mask is not None, terms, scale,
                                              cache_delta, out, lse, launch, k_stages=cfg.k_stages)
@@ -444,6 +455,15 @@ def cache_terms(cache: Optional[torch.Tensor], cache1: Optional[torch.Tensor],
     return n
 
 
+def masked_kv_blocks(key_padding_mask: torch.Tensor, block_kv: int, dtype=torch.uint8) -> torch.Tensor:
+    """``[B, NKB]`` (contiguous, ``dtype``): whether kv-block ``j`` of batch ``b`` holds a masked key or
+    keys past ``Nkv`` (the partial last block): the tiles that need the key mask."""
+    B, Nkv = key_padding_mask.shape
+    nkb = cdiv(Nkv, block_kv)
+    masked = torch.nn.functional.pad(torch.logical_not(key_padding_mask), (0, nkb * block_kv - Nkv), value=True)
+    return masked.view(B, nkb, block_kv).any(-1).to(dtype)
+
+
 def split_masked_blocks(kv_count: torch.Tensor, kv_index: torch.Tensor, key_padding_mask: torch.Tensor,
                         block_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Reorder the kv lists so that each row's kept blocks needing no mask come first (ascending), then
@@ -451,11 +471,8 @@ def split_masked_blocks(kv_count: torch.Tensor, kv_index: torch.Tensor, key_padd
     return ``(index, full)`` with ``full [B, H, NQB]`` (int32, ``kv_count``'s strides) counting the first
     group. The set of kept blocks is unchanged, only the order the kernel visits them (online softmax
     is order-independent up to rounding). Device ops only: no host synchronisation."""
-    B, Nkv = key_padding_mask.shape
     nkb = kv_index.shape[-1]
-    pad = nkb * block_kv - Nkv
-    masked = torch.nn.functional.pad(torch.logical_not(key_padding_mask), (0, pad), value=True)
-    blk_masked = masked.view(B, nkb, block_kv).any(-1)                          # [B, NKB]
+    blk_masked = masked_kv_blocks(key_padding_mask, block_kv, torch.bool)       # [B, NKB]
     idx = kv_index.long()
     needs = torch.gather(blk_masked[:, None, None, :].expand(idx.shape), -1, idx)
     valid = torch.arange(nkb, device=idx.device) < kv_count.unsqueeze(-1)

@@ -29,8 +29,9 @@ overlap; 1% slower than the Triton kernel.
 Notation: program (pid_m, pid_bh) owns BLOCK_M = 128 query rows of one (b, h), 64 per consumer (HALF);
 BLOCK_N = 128 keys per tile, one tile per kv symbol block; D = HEAD_DIM. ``t`` counts the tiles a program
 visits (its list entries). Constexpr flags as in ``attention.py``: HAS_QKEEP, HAS_LISTS, HAS_KPM (key
-padding mask; with lists the blocks holding masked keys come last and KVFULL counts the others; without
-lists every tile is masked), EVEN_KV (no partial last kv-block), CACHE_TERMS (Taylor terms of the cached
+padding mask: a tile takes the masked softmax iff ``KVMASKED[b, kv-block]`` says its block holds a masked
+key or keys past Nkv, whatever its place in the list, so neither the dense path nor the lists need
+reordering), EVEN_KV (no partial last kv-block), CACHE_TERMS (Taylor terms of the cached
 rows). mbarrier phases: a stage's n-th use waits phase ``n & 1`` (ready) and ``(n & 1) ^ 1`` (empty: a
 fresh barrier counts as having completed phase 1, so the first fill does not wait).
 
@@ -125,14 +126,14 @@ if AVAILABLE:
         gl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln, lse, mask=offs_m < Nq)
 
     @gluon.jit
-    def _tile_start(t, IDX, stride_idx, n_tiles, HAS_LISTS: gl.constexpr, BLOCK_N: gl.constexpr):
-        """First key of the program's ``t``-th tile (clamped to its last tile)."""
+    def _tile_block(t, IDX, stride_idx, n_tiles, HAS_LISTS: gl.constexpr):
+        """The kv-block of the program's ``t``-th tile (clamped to its last tile)."""
         t = gl.minimum(t, n_tiles - 1)
         if HAS_LISTS:
             kb = gl.load(IDX + t * stride_idx)
         else:
             kb = t
-        return kb * BLOCK_N
+        return kb
 
     # Partitions (module docstring). Stages are handed over with mbarriers: ready (loader -> consumers,
     # TMA byte count) and empty (consumers -> loader, one arrive per consumer partition).
@@ -140,8 +141,8 @@ if AVAILABLE:
     def _ws_consumer(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
                      CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
                      V_STAGES: gl.constexpr, HALF: gl.constexpr):
-        (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, IDX, strides, keep, n_tiles, n_full,
-         off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
+        (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, KVMASKED_b, IDX, strides, keep, n_tiles,
+         n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_cb, stride_ch, stride_cn, stride_cd = strides[7], strides[8], strides[9], strides[10]
         stride_idx_j, stride_kpm_n = strides[11], strides[12]
         q_smem, k_smem, v_smem = smem
@@ -183,8 +184,14 @@ if AVAILABLE:
                     mbarrier.arrive(k_empty.index(ks), count=1)
                     if t > 0:
                         mbarrier.arrive(v_empty.index((t - 1) % V_STAGES), count=1)
-                    start = _tile_start(t, IDX, stride_idx_j, n_tiles, HAS_LISTS, BLOCK_N)
-                    if t < n_full:
+                    kb = _tile_block(t, IDX, stride_idx_j, n_tiles, HAS_LISTS)
+                    start = kb * BLOCK_N
+                    if HAS_KPM:
+                        plain = gl.load(KVMASKED_b + kb) == 0
+                    else:
+                        plain = t < n_full
+                    # The unmasked step needs no -inf guard in any order: its tile has only visible keys.
+                    if plain:
                         p, m_new, alpha, l_i = _softmax_tile(s, m_i, l_i, start, KPM_b, stride_kpm_n, Nkv,
                                                              qk_scale, s_layout, BLOCK_N, HAS_KPM, False)
                     else:
@@ -213,8 +220,8 @@ if AVAILABLE:
     def _ws_loader(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
                    CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
                    V_STAGES: gl.constexpr, HALF: gl.constexpr):
-        (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, IDX, strides, keep, n_tiles, n_full,
-         off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
+        (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, KVMASKED_b, IDX, strides, keep, n_tiles,
+         n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_idx_j = strides[11]
         q_smem, k_smem, v_smem = smem
         q_bar, k_ready, k_empty, v_ready, v_empty = bars
@@ -228,7 +235,7 @@ if AVAILABLE:
                     mbarrier.expect(q_bar.index(i), box // 2)
                     _tma_load(desc_q, [b_h, h_h, pid_m * 128 + i * 64, 0], q_bar.index(i), q_smem.index(i))
                 for t in range(n_tiles):
-                    start = _tile_start(t, IDX, stride_idx_j, n_tiles, HAS_LISTS, BLOCK_N)
+                    start = _tile_block(t, IDX, stride_idx_j, n_tiles, HAS_LISTS) * BLOCK_N
                     ks = t % K_STAGES
                     mbarrier.wait(k_empty.index(ks), ((t // K_STAGES) & 1) ^ 1)
                     mbarrier.expect(k_ready.index(ks), box)
@@ -240,7 +247,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _sparse_attn_fwd_sm90(desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, QKEEP, KVCOUNT,
-                                 KVINDEX, KVFULL, KPM,
+                                 KVINDEX, KVMASKED, KPM,
                                  stride_ob, stride_oh, stride_on, stride_od,
                                  stride_lb, stride_lh, stride_ln,
                                  stride_cb, stride_ch, stride_cn, stride_cd,
@@ -288,13 +295,8 @@ if AVAILABLE:
         else:
             n_tiles = NKB
             IDX = KVINDEX
-        n_full = n_tiles
-        if HAS_KPM:
-            if HAS_LISTS:
-                n_full = gl.load(KVFULL + cnt_off)
-            else:
-                n_full = 0
-        elif not EVEN_KV:
+        n_full = n_tiles                # without a key padding mask: tiles [0, n_full) need no mask
+        if not HAS_KPM and not EVEN_KV:
             if HAS_LISTS:
                 last = gl.load(IDX + gl.maximum(n_tiles - 1, 0) * stride_idx_j)
                 n_full = n_tiles - ((n_tiles > 0) & (last == NKB - 1)).to(gl.int32)
@@ -302,8 +304,9 @@ if AVAILABLE:
                 n_full = NKB - 1
         strides = (stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
                    stride_cb, stride_ch, stride_cn, stride_cd, stride_idx_j, stride_kpm_n)
-        args = (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM + off_b * stride_kpm_b, IDX, strides,
-                keep, n_tiles, n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2,
+        args = (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM + off_b * stride_kpm_b,
+                KVMASKED + off_b * NKB, IDX, strides, keep, n_tiles, n_full, off_b, off_h, pid_m, Nq, Nkv,
+                qk_scale, cache_c1, cache_c2,
                 (q_smem, k_smem, v_smem), (q_bar, k_ready, k_empty, v_ready, v_empty))
         gl.warp_specialize([
             (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
@@ -315,8 +318,9 @@ def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, h
                           terms: int, scale: float, cache_delta: float, out, lse, launch, *,
                           k_stages: int = K_STAGES) -> None:
     """Launch the Gluon kernel into ``out``/``lse`` (allocated by the caller). ``operands`` (cache, its two
-    Taylor terms, q_keep, kv_count, kv_index, kv_full, key padding mask; q stands in for an absent one) and
-    ``operand_strides`` are what the Triton launcher prepared for its own kernel, in the same order."""
+    Taylor terms, q_keep, kv_count, kv_index, the per-block mask flags ``attention.masked_kv_blocks``
+    (contiguous ``[B, NKB]``, with a key padding mask), key padding mask; q stands in for an absent one)
+    and ``operand_strides`` are what the Triton launcher prepared, in the same order."""
     B, H, Nq, D = q.shape
     Nkv = k.shape[2]
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
