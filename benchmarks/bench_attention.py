@@ -63,6 +63,9 @@ VARIANTS = {
     "gluon": KernelConfig(128, 128, 8, 3, gluon=True),
     "gluon_k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2),
     "gluon_k4": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=4),
+    # FA3's intra-warpgroup overlap (softmax of S_t while P_{t-1} V_{t-1} runs), K ring of 3 / 2
+    "gluon_overlap": KernelConfig(128, 128, 8, 3, gluon=True, overlap=True),
+    "gluon_overlap_k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2, overlap=True),
 }
 
 

@@ -22,7 +22,8 @@ from flashomni_compile.symbols import kv_block_lists, num_blocks
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 GLUON = {"k3": KernelConfig(128, 128, 8, 3, gluon=True),          # K ring depth 3 (the table's) and 2
-         "k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2)}
+         "k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2),
+         "k3_overlap": KernelConfig(128, 128, 8, 3, gluon=True, overlap=True)}
 
 
 @pytest.mark.skipif(not attention_sm90.AVAILABLE, reason="this triton has no Gluon")

@@ -275,6 +275,7 @@ class KernelConfig:
     # ``k_stages`` is the depth of its K ring. The other fields then do not apply.
     gluon: bool = False
     k_stages: int = 3
+    overlap: bool = False     # Gluon: FA3's intra-warpgroup overlap of softmax and PV (attention_sm90.py)
 
     def stages(self, lists: bool) -> int:
         if not lists:
@@ -398,7 +399,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if gluon:
         attention_sm90.sparse_attention_sm90(q, k, v, operands, operand_strides, q_keep is not None,
                                              kv_count is not None, key_padding_mask is not None, terms, scale,
-                                             cache_delta, out, lse, launch, k_stages=cfg.k_stages)
+                                             cache_delta, out, lse, launch, k_stages=cfg.k_stages,
+                                             overlap=cfg.overlap)
         return out, lse
     use_tma = cfg.tma and q.is_cuda and _tma_ok(k) and _tma_ok(v)
     if use_tma:

@@ -135,12 +135,75 @@ if AVAILABLE:
             kb = t
         return kb
 
+    @gluon.jit
+    def _tile_softmax(s, t, m_i, l_i, IDX, stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b, stride_kpm_n, Nkv,
+                      qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LISTS: gl.constexpr,
+                      HAS_KPM: gl.constexpr):
+        """``_softmax_tile`` on the scores of the program's ``t``-th tile, masked iff the tile needs it."""
+        kb = _tile_block(t, IDX, stride_idx_j, n_tiles, HAS_LISTS)
+        if HAS_KPM:
+            plain = gl.load(KVMASKED_b + kb) == 0
+        else:
+            plain = t < n_full
+        # The unmasked step needs no -inf guard in any order: its tile has only visible keys.
+        if plain:
+            p, m_new, alpha, l_new = _softmax_tile(s, m_i, l_i, kb * BLOCK_N, KPM_b, stride_kpm_n, Nkv, qk_scale,
+                                                   s_layout, BLOCK_N, HAS_KPM, False)
+        else:
+            p, m_new, alpha, l_new = _softmax_tile(s, m_i, l_i, kb * BLOCK_N, KPM_b, stride_kpm_n, Nkv, qk_scale,
+                                                   s_layout, BLOCK_N, HAS_KPM, True)
+        return p, m_new, alpha, l_new
+
+    @gluon.jit
+    def _consume_overlapped(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc, m_i, l_i, IDX,
+                            stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b, stride_kpm_n, Nkv, qk_scale,
+                            s_layout: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
+                            BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
+                            V_STAGES: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr):
+        """A consumer's tile loop with FlashAttention-3's intra-warpgroup overlap (Shah et al., 2024, 3.2):
+        S_t = Q K_t^T and O += P_{t-1} V_{t-1} are issued together, and the softmax of S_t runs while the
+        PV product is on the tensor cores; O is rescaled by alpha_t once that product retires. Returns
+        ``(acc, m_i, l_i)``; ``n_tiles >= 1``."""
+        dtype: gl.constexpr = k_smem.dtype
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s, use_acc=False,
+                          is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p, m_i, alpha, l_i = _tile_softmax(s, 0, m_i, l_i, IDX, stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b,
+                                           stride_kpm_n, Nkv, qk_scale, s_layout, BLOCK_N, HAS_LISTS, HAS_KPM)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)          # acc is 0: no rescale for the first tile
+        for t in range(1, n_tiles):
+            ks = t % K_STAGES
+            mbarrier.wait(k_ready.index(ks), (t // K_STAGES) & 1)
+            s = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s, use_acc=False,
+                              is_async=True)
+            vs = (t - 1) % V_STAGES
+            mbarrier.wait(v_ready.index(vs), ((t - 1) // V_STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # S_t done; PV_{t-1} still in flight
+            mbarrier.arrive(k_empty.index(ks), count=1)
+            p, m_new, alpha, l_i = _tile_softmax(s, t, m_i, l_i, IDX, stride_idx_j, n_tiles, n_full, KPM_b,
+                                                 KVMASKED_b, stride_kpm_n, Nkv, qk_scale, s_layout, BLOCK_N,
+                                                 HAS_LISTS, HAS_KPM)
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            mbarrier.arrive(v_empty.index(vs), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            m_i = m_new
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        vs = (n_tiles - 1) % V_STAGES
+        mbarrier.wait(v_ready.index(vs), ((n_tiles - 1) // V_STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(vs), count=1)
+        return acc, m_i, l_i
+
     # Partitions (module docstring). Stages are handed over with mbarriers: ready (loader -> consumers,
     # TMA byte count) and empty (consumers -> loader, one arrive per consumer partition).
     @gluon.jit
     def _ws_consumer(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
                      CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                     V_STAGES: gl.constexpr, HALF: gl.constexpr):
+                     V_STAGES: gl.constexpr, HALF: gl.constexpr, OVERLAP: gl.constexpr):
         (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, KVMASKED_b, IDX, strides, keep, n_tiles,
          n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_cb, stride_ch, stride_cn, stride_cd = strides[7], strides[8], strides[9], strides[10]
@@ -174,7 +237,13 @@ if AVAILABLE:
                 mbarrier.wait(q_bar.index(HALF), 0)
                 q2 = q_smem.index(HALF).reshape([WG_M, HEAD_DIM])
                 s = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
-                for t in range(n_tiles):
+                if OVERLAP:
+                    acc = _consume_overlapped(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc,
+                                              m_i, l_i, IDX, stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b,
+                                              stride_kpm_n, Nkv, qk_scale, s_layout, p_layout, row_o, BLOCK_N,
+                                              HEAD_DIM, K_STAGES, V_STAGES, HAS_LISTS, HAS_KPM)
+                    acc, m_i, l_i = acc
+                for t in range(n_tiles if not OVERLAP else 0):
                     ks = t % K_STAGES
                     mbarrier.wait(k_ready.index(ks), (t // K_STAGES) & 1)
                     k2 = k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM])
@@ -184,19 +253,9 @@ if AVAILABLE:
                     mbarrier.arrive(k_empty.index(ks), count=1)
                     if t > 0:
                         mbarrier.arrive(v_empty.index((t - 1) % V_STAGES), count=1)
-                    kb = _tile_block(t, IDX, stride_idx_j, n_tiles, HAS_LISTS)
-                    start = kb * BLOCK_N
-                    if HAS_KPM:
-                        plain = gl.load(KVMASKED_b + kb) == 0
-                    else:
-                        plain = t < n_full
-                    # The unmasked step needs no -inf guard in any order: its tile has only visible keys.
-                    if plain:
-                        p, m_new, alpha, l_i = _softmax_tile(s, m_i, l_i, start, KPM_b, stride_kpm_n, Nkv,
-                                                             qk_scale, s_layout, BLOCK_N, HAS_KPM, False)
-                    else:
-                        p, m_new, alpha, l_i = _softmax_tile(s, m_i, l_i, start, KPM_b, stride_kpm_n, Nkv,
-                                                             qk_scale, s_layout, BLOCK_N, HAS_KPM, True)
+                    p, m_new, alpha, l_i = _tile_softmax(s, t, m_i, l_i, IDX, stride_idx_j, n_tiles, n_full, KPM_b,
+                                                         KVMASKED_b, stride_kpm_n, Nkv, qk_scale, s_layout,
+                                                         BLOCK_N, HAS_LISTS, HAS_KPM)
                     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
                     m_i = m_new
                     p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -207,8 +266,9 @@ if AVAILABLE:
                     # Leaves the PV product in flight (it is the only one): the loop carries a tensor,
                     # which the next iteration's wait (or the one below) makes valid; p_op stays live.
                     acc, p_op = warpgroup_mma_wait(num_outstanding=1, deps=(acc, p_op))
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(v_empty.index((n_tiles - 1) % V_STAGES), count=1)
+                if not OVERLAP:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    mbarrier.arrive(v_empty.index((n_tiles - 1) % V_STAGES), count=1)
             l_o = gl.convert_layout(l_i, row_o)
             m_o = gl.convert_layout(m_i, row_o)
             inv_l = 1.0 / gl.where(l_o == 0.0, 1.0, l_o)
@@ -219,7 +279,7 @@ if AVAILABLE:
     @gluon.jit
     def _ws_loader(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
                    CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                   V_STAGES: gl.constexpr, HALF: gl.constexpr):
+                   V_STAGES: gl.constexpr, HALF: gl.constexpr, OVERLAP: gl.constexpr):
         (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, KVMASKED_b, IDX, strides, keep, n_tiles,
          n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_idx_j = strides[11]
@@ -259,7 +319,8 @@ if AVAILABLE:
                                  HEAD_DIM: gl.constexpr, HAS_QKEEP: gl.constexpr, HAS_LISTS: gl.constexpr,
                                  HAS_KPM: gl.constexpr, EVEN_KV: gl.constexpr, CACHE_TERMS: gl.constexpr,
                                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, num_warps: gl.constexpr):
+                                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                                 num_warps: gl.constexpr):
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1).to(gl.int64)
         off_b = pid_bh // H
@@ -309,14 +370,14 @@ if AVAILABLE:
                 qk_scale, cache_c1, cache_c2,
                 (q_smem, k_smem, v_smem), (q_bar, k_ready, k_empty, v_ready, v_empty))
         gl.warp_specialize([
-            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
-            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 1)),
-            (_ws_loader, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
+            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0, OVERLAP)),
+            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 1, OVERLAP)),
+            (_ws_loader, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0, OVERLAP)),
         ], [4, 1], [232, 40])
 
 def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, has_lists: bool, has_kpm: bool,
                           terms: int, scale: float, cache_delta: float, out, lse, launch, *,
-                          k_stages: int = K_STAGES) -> None:
+                          k_stages: int = K_STAGES, overlap: bool = False) -> None:
     """Launch the Gluon kernel into ``out``/``lse`` (allocated by the caller). ``operands`` (cache, its two
     Taylor terms, q_keep, kv_count, kv_index, the per-block mask flags ``attention.masked_kv_blocks``
     (contiguous ``[B, NKB]``, with a key padding mask), key padding mask; q stands in for an absent one)
@@ -337,7 +398,7 @@ def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, h
         float(cache_delta), float(cache_delta) ** 2 / 2.0,
         HEAD_DIM=D, HAS_QKEEP=has_qkeep, HAS_LISTS=has_lists, HAS_KPM=has_kpm, EVEN_KV=Nkv % BLOCK_N == 0,
         CACHE_TERMS=terms,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=V_STAGES,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=V_STAGES, OVERLAP=overlap,
         # 4 warps here (consumer 0) + 4 (consumer 1) + 1 loader warp (a warpgroup's worth of registers):
         # 168 a thread on average, which the partitions redistribute to 240 / 232 / 40 (setmaxnreg).
         num_warps=4, maxnreg=168,
