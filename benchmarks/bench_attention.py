@@ -57,15 +57,12 @@ VARIANTS = {
     "64x128_w4_s2": KernelConfig(64, 128, 4, 2),
     "tma_128x128_w8_s3": KernelConfig(128, 128, 8, 3, tma=True),
     "tma_64x64_w4_s3": KernelConfig(64, 64, 4, 3, tma=True),
-    # Hopper Gluon kernel (attention_sm90.py; the table takes it for N >= 8192 at D=128), K ring of 3 / 2 / 4;
+    # Hopper Gluon kernel (attention_sm90.py; the table takes it for N >= 4096 at D=128), K ring of 2 / 3 / 4;
     # triton_128x128_w8_s3 is the Triton kernel the table takes otherwise at D=128
     "triton_128x128_w8_s3": KernelConfig(128, 128, 8, 3),
     "gluon": KernelConfig(128, 128, 8, 3, gluon=True),
-    "gluon_k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2),
+    "gluon_k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3),
     "gluon_k4": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=4),
-    # FA3's intra-warpgroup overlap (softmax of S_t while P_{t-1} V_{t-1} runs), K ring of 3 / 2
-    "gluon_overlap": KernelConfig(128, 128, 8, 3, gluon=True, overlap=True),
-    "gluon_overlap_k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2, overlap=True),
 }
 
 

@@ -21,9 +21,8 @@ from flashomni_compile.kernels.attention import KernelConfig, sparse_attention_r
 from flashomni_compile.symbols import kv_block_lists, num_blocks
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-GLUON = {"k3": KernelConfig(128, 128, 8, 3, gluon=True),          # K ring depth 3 (the table's) and 2
-         "k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2),
-         "k3_overlap": KernelConfig(128, 128, 8, 3, gluon=True, overlap=True)}
+GLUON = {"k2": KernelConfig(128, 128, 8, 3, gluon=True),          # K ring depth 2 (the table's) and 3
+         "k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3)}
 
 
 @pytest.mark.skipif(not attention_sm90.AVAILABLE, reason="this triton has no Gluon")

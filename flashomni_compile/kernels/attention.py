@@ -274,8 +274,7 @@ class KernelConfig:
     # (``attention_sm90.supports``; from the table also only for long kv sequences, see GLUON_MIN_NKV);
     # ``k_stages`` is the depth of its K ring. The other fields then do not apply.
     gluon: bool = False
-    k_stages: int = 3
-    overlap: bool = False     # Gluon: FA3's intra-warpgroup overlap of softmax and PV (attention_sm90.py)
+    k_stages: int = 2
 
     def stages(self, lists: bool) -> int:
         if not lists:
@@ -301,11 +300,10 @@ _TABLE = {
     ("sm80", 256): KernelConfig(64, 32, 8, 2),
 }
 _INTERP = KernelConfig(64, 64, 4, 1)
-# The table's Gluon entries apply from this many keys on. H200, D=128, H=24 (benchmarks/NOTES.md):
-# at N=16384 the Gluon kernel took 6.29-6.34 ms against 6.69 dense and 1.69 vs 1.74 ms at kv density
-# 0.25; at N=4608 it tied dense (0.545 vs 0.550 ms) and lost sparse (0.180 vs 0.168 ms at 0.25: a row
-# then keeps 9 tiles, too few to amortise the partitions' start).
-GLUON_MIN_NKV = 8192
+# The table's Gluon entries apply from this many keys on. H200, D=128, H=24 (benchmarks/NOTES.md,
+# session 8): at N=4608 the Gluon kernel took 0.438 ms dense against 0.549 for the Triton kernel and
+# 0.150 vs 0.168 at kv density 0.25; shorter sequences were not measured.
+GLUON_MIN_NKV = 4096
 
 
 def gluon_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_kv: int = 128) -> bool:
@@ -399,8 +397,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if gluon:
         attention_sm90.sparse_attention_sm90(q, k, v, operands, operand_strides, q_keep is not None,
                                              kv_count is not None, key_padding_mask is not None, terms, scale,
-                                             cache_delta, out, lse, launch, k_stages=cfg.k_stages,
-                                             overlap=cfg.overlap)
+                                             cache_delta, out, lse, launch, k_stages=cfg.k_stages)
         return out, lse
     use_tma = cfg.tma and q.is_cuda and _tma_ok(k) and _tma_ok(v)
     if use_tma:

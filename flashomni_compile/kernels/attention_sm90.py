@@ -13,18 +13,21 @@ an H200 (benchmarks/NOTES.md). Here each CTA of 128 query rows has three partiti
 
 * ``_ws_loader`` (1 warp): Q's two 64-row halves once, then for each kept kv tile ``t`` K_t and V_t by
   TMA into rings of ``K_STAGES`` / ``V_STAGES`` buffers, waiting on each stage's *empty* mbarrier;
-* ``_ws_consumer`` x 2 (4 warps each, 64 rows each, FlashAttention-2 order): wait K_t *ready*,
-  S = Q K_t^T, wait (this also retires PV_{t-1}), signal K_t and V_{t-1} *empty*, online softmax,
-  O *= alpha, wait V_t *ready*, issue O += P V_t asynchronously.
+* ``_ws_consumer`` x 2 (4 warps each, 64 rows each, ``_consume_tiles``): FlashAttention-3's
+  intra-warpgroup overlap (Shah et al., 2024, section 3.2): for tile ``t``, wait K_t *ready*, issue
+  S_t = Q K_t^T, wait V_{t-1} *ready*, issue O += P_{t-1} V_{t-1}, wait for S_t only (the PV product stays
+  in flight), signal K_t *empty*, online softmax of S_t (beside the PV product on the tensor cores), wait
+  for PV, signal V_{t-1} *empty*, O *= alpha_t.
 
-No CTA barrier ties the consumers, so one's softmax runs beside the other's products, as in
-FlashAttention-3's inter-warpgroup overlap (Shah et al., 2024, section 3.1; no explicit ping-pong here).
-H200, N=16384, D=128: 6.29-6.34 ms vs 6.69 for the Triton kernel, 0.86x cuDNN.
+No CTA barrier ties the consumers, so one's softmax also runs beside the other's products, as in
+FlashAttention-3's inter-warpgroup overlap (section 3.1; no explicit ping-pong here). H200, D=128, H=24
+(benchmarks/NOTES.md, session 8): dense 21.5 ms at N=33792 against cuDNN's 22.4 and 25.7 for the same
+kernel in FlashAttention-2 order (S_t, wait for it and PV_{t-1}, softmax, issue PV_t), 5.18 vs 5.34 ms at
+16384, 0.438 vs 0.434 at 4608.
 
-Tried and dropped (NOTES.md): FA3's intra-warpgroup pipelining (QK^T of tile t+1 issued before the
-softmax of tile t, ``warpgroup_mma_wait(num_outstanding=1)``) without warp specialisation: ptxas placed the
-full wait before the first write to a register the in-flight products had touched, so the softmax did not
-overlap; 1% slower than the Triton kernel.
+Tried and dropped (NOTES.md): the same intra-warpgroup pipelining without warp specialisation (one
+program per 128 rows, Triton-style): ptxas placed the full wait before the first write to a register the
+in-flight products had touched, so the softmax did not overlap; 1% slower than the Triton kernel.
 
 Notation: program (pid_m, pid_bh) owns BLOCK_M = 128 query rows of one (b, h), 64 per consumer (HALF);
 BLOCK_N = 128 keys per tile, one tile per kv symbol block; D = HEAD_DIM. ``t`` counts the tiles a program
@@ -53,7 +56,7 @@ __all__ = ["supports", "sparse_attention_sm90", "AVAILABLE"]
 
 BLOCK_M = 128
 BLOCK_N = 128
-K_STAGES = 3
+K_STAGES = 2     # K ring depth: 2 and 3 measured alike dense, 2 up to 3% faster sparse (NOTES.md)
 V_STAGES = 2
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (64, 128)
@@ -155,7 +158,7 @@ if AVAILABLE:
         return p, m_new, alpha, l_new
 
     @gluon.jit
-    def _consume_overlapped(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc, m_i, l_i, IDX,
+    def _consume_tiles(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc, m_i, l_i, IDX,
                             stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b, stride_kpm_n, Nkv, qk_scale,
                             s_layout: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
                             BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
@@ -203,7 +206,7 @@ if AVAILABLE:
     @gluon.jit
     def _ws_consumer(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
                      CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                     V_STAGES: gl.constexpr, HALF: gl.constexpr, OVERLAP: gl.constexpr):
+                     V_STAGES: gl.constexpr, HALF: gl.constexpr):
         (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, KVMASKED_b, IDX, strides, keep, n_tiles,
          n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_cb, stride_ch, stride_cn, stride_cd = strides[7], strides[8], strides[9], strides[10]
@@ -237,38 +240,10 @@ if AVAILABLE:
                 mbarrier.wait(q_bar.index(HALF), 0)
                 q2 = q_smem.index(HALF).reshape([WG_M, HEAD_DIM])
                 s = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
-                if OVERLAP:
-                    acc = _consume_overlapped(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc,
-                                              m_i, l_i, IDX, stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b,
-                                              stride_kpm_n, Nkv, qk_scale, s_layout, p_layout, row_o, BLOCK_N,
-                                              HEAD_DIM, K_STAGES, V_STAGES, HAS_LISTS, HAS_KPM)
-                    acc, m_i, l_i = acc
-                for t in range(n_tiles if not OVERLAP else 0):
-                    ks = t % K_STAGES
-                    mbarrier.wait(k_ready.index(ks), (t // K_STAGES) & 1)
-                    k2 = k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM])
-                    s = warpgroup_mma(q2, k2.permute((1, 0)), s, use_acc=False, is_async=True)
-                    # Waits for this QK^T and the previous tile's PV product (issued last iteration).
-                    s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s, acc))
-                    mbarrier.arrive(k_empty.index(ks), count=1)
-                    if t > 0:
-                        mbarrier.arrive(v_empty.index((t - 1) % V_STAGES), count=1)
-                    p, m_new, alpha, l_i = _tile_softmax(s, t, m_i, l_i, IDX, stride_idx_j, n_tiles, n_full, KPM_b,
-                                                         KVMASKED_b, stride_kpm_n, Nkv, qk_scale, s_layout,
-                                                         BLOCK_N, HAS_LISTS, HAS_KPM)
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-                    m_i = m_new
-                    p_op = gl.convert_layout(p.to(dtype), p_layout)
-                    vs = t % V_STAGES
-                    mbarrier.wait(v_ready.index(vs), (t // V_STAGES) & 1)
-                    v2 = v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM])
-                    acc = warpgroup_mma(p_op, v2, acc, is_async=True)
-                    # Leaves the PV product in flight (it is the only one): the loop carries a tensor,
-                    # which the next iteration's wait (or the one below) makes valid; p_op stays live.
-                    acc, p_op = warpgroup_mma_wait(num_outstanding=1, deps=(acc, p_op))
-                if not OVERLAP:
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                    mbarrier.arrive(v_empty.index((n_tiles - 1) % V_STAGES), count=1)
+                acc, m_i, l_i = _consume_tiles(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc, m_i,
+                                               l_i, IDX, stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b,
+                                               stride_kpm_n, Nkv, qk_scale, s_layout, p_layout, row_o, BLOCK_N,
+                                               HEAD_DIM, K_STAGES, V_STAGES, HAS_LISTS, HAS_KPM)
             l_o = gl.convert_layout(l_i, row_o)
             m_o = gl.convert_layout(m_i, row_o)
             inv_l = 1.0 / gl.where(l_o == 0.0, 1.0, l_o)
@@ -279,7 +254,7 @@ if AVAILABLE:
     @gluon.jit
     def _ws_loader(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
                    CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                   V_STAGES: gl.constexpr, HALF: gl.constexpr, OVERLAP: gl.constexpr):
+                   V_STAGES: gl.constexpr, HALF: gl.constexpr):
         (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, KVMASKED_b, IDX, strides, keep, n_tiles,
          n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_idx_j = strides[11]
@@ -319,8 +294,7 @@ if AVAILABLE:
                                  HEAD_DIM: gl.constexpr, HAS_QKEEP: gl.constexpr, HAS_LISTS: gl.constexpr,
                                  HAS_KPM: gl.constexpr, EVEN_KV: gl.constexpr, CACHE_TERMS: gl.constexpr,
                                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                                 num_warps: gl.constexpr):
+                                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, num_warps: gl.constexpr):
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1).to(gl.int64)
         off_b = pid_bh // H
@@ -370,14 +344,14 @@ if AVAILABLE:
                 qk_scale, cache_c1, cache_c2,
                 (q_smem, k_smem, v_smem), (q_bar, k_ready, k_empty, v_ready, v_empty))
         gl.warp_specialize([
-            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0, OVERLAP)),
-            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 1, OVERLAP)),
-            (_ws_loader, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0, OVERLAP)),
+            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
+            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 1)),
+            (_ws_loader, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
         ], [4, 1], [232, 40])
 
 def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, has_lists: bool, has_kpm: bool,
                           terms: int, scale: float, cache_delta: float, out, lse, launch, *,
-                          k_stages: int = K_STAGES, overlap: bool = False) -> None:
+                          k_stages: int = K_STAGES) -> None:
     """Launch the Gluon kernel into ``out``/``lse`` (allocated by the caller). ``operands`` (cache, its two
     Taylor terms, q_keep, kv_count, kv_index, the per-block mask flags ``attention.masked_kv_blocks``
     (contiguous ``[B, NKB]``, with a key padding mask), key padding mask; q stands in for an absent one)
@@ -398,7 +372,7 @@ def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, h
         float(cache_delta), float(cache_delta) ** 2 / 2.0,
         HEAD_DIM=D, HAS_QKEEP=has_qkeep, HAS_LISTS=has_lists, HAS_KPM=has_kpm, EVEN_KV=Nkv % BLOCK_N == 0,
         CACHE_TERMS=terms,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=V_STAGES, OVERLAP=overlap,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=V_STAGES,
         # 4 warps here (consumer 0) + 4 (consumer 1) + 1 loader warp (a warpgroup's worth of registers):
         # 168 a thread on average, which the partitions redistribute to 240 / 232 / 40 (setmaxnreg).
         num_warps=4, maxnreg=168,
