@@ -88,10 +88,10 @@ if AVAILABLE:
         m = -inf and gets p = alpha = 0 (never NaN)."""
         if MASK:
             offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            valid = offs_n < Nkv
-            if HAS_KPM:
-                kpm = gl.load(KPM_b + offs_n.to(gl.int64) * stride_kpm_n, mask=valid, other=0)
-                valid = valid & (kpm != 0)
+            if HAS_KPM:   # keys past Nkv load as padding
+                valid = gl.load(KPM_b + offs_n.to(gl.int64) * stride_kpm_n, mask=offs_n < Nkv, other=0) != 0
+            else:
+                valid = offs_n < Nkv
             s = gl.where(gl.expand_dims(valid, 0), s * qk_scale, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1))
             m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
