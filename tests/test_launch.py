@@ -56,6 +56,14 @@ def _samples():
                buf.bool(), buf.int()]
     descs = [TensorDescriptor.from_tensor(b16, [16, 32]), TensorDescriptor.from_tensor(b16, [32, 32]),
              TensorDescriptor.from_tensor(b32, [16, 32]), TensorDescriptor.from_tensor(b16[:32], [16, 32])]
+    from flashomni_compile.kernels.gluon_hopper import AVAILABLE, GluonDescriptor, gl
+    if AVAILABLE:   # Gluon descriptors: block shape, dtype and shared layout (swizzle) each specialize
+        lay = gl.NVMMASharedLayout.get_default_for([16, 32], gl.bfloat16)
+        lay32 = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
+        descs += [GluonDescriptor.from_tensor(b16, [16, 32], lay), GluonDescriptor.from_tensor(b16[:32], [16, 32], lay),
+                  GluonDescriptor.from_tensor(b16, [32, 32], gl.NVMMASharedLayout.get_default_for([32, 32], gl.bfloat16)),
+                  GluonDescriptor.from_tensor(b16, [16, 32], lay32),
+                  GluonDescriptor.from_tensor(b32, [16, 32], gl.NVMMASharedLayout.get_default_for([16, 32], gl.float32))]
     return ints + tensors + descs + [0.5, 1.0, 1e300, True, False, None]
 
 

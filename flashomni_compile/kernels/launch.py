@@ -27,7 +27,11 @@ installed triton's):
   rules, so it stays right whatever the rule, and our int arguments (shapes, strides, row offsets) do
   not change across the steps of a site, so it costs no hits.
 * tensor: dtype and ``data_ptr() % 16 == 0``; float, bool: the type only (``fp32``, ``u1``);
-  None: constant None; host tensor descriptor: base dtype and block shape (the key adds the padding).
+  None: constant None; host tensor descriptor: base dtype and block shape (the key adds the padding);
+  Gluon tensor descriptor: base dtype, block shape and shared-memory layout (the key adds the padding
+  and, on 3.9, ``round_f32_to_tf32``). Before the Gluon descriptor was keyed, every Gluon launch took
+  the normal path: ~0.15 ms a call on the H200 host, which floored the attention kernel at short
+  sequences (0.25 ms at N=4608, kv density 0.25, against 0.15 with a warm queue; NOTES.md session 8).
 * constexprs and options (``num_warps``, ``num_stages``): their values; the key holds every keyword
   argument's name, value and type (``True == 1`` in Python, not to Triton).
 * the knobs ``JITFunction.run`` copies into the options (``runtime.debug``,
@@ -140,6 +144,8 @@ class _Layout:
 
     def __init__(self, arg_types: tuple, kw_types: tuple):
         from triton.tools.tensor_descriptor import TensorDescriptor
+
+        from .gluon_hopper import GluonDescriptor
         ints, tensors, descs = [], [], []
         ok = all(t in _PLAIN for t in kw_types)
         for i, t in enumerate(arg_types):
@@ -147,7 +153,7 @@ class _Layout:
                 ints.append(i)
             elif issubclass(t, torch.Tensor):
                 tensors.append(i)
-            elif t is TensorDescriptor:
+            elif t is TensorDescriptor or (GluonDescriptor is not None and t is GluonDescriptor):
                 descs.append(i)
             elif t not in (float, bool, type(None)):
                 ok = False   # numpy scalars, tuples, dtypes...: left to Triton
@@ -172,7 +178,8 @@ def launch_key(args: tuple, kwargs: dict) -> Optional[tuple]:
     # The layout object stands for the types and names (hashed by identity: cheaper than the tuple).
     return (lay, lay.ints(args),
             tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in lay.tensors(args)]),
-            tuple([(d.base.dtype, tuple(d.block_shape), d.padding) for d in lay.descs(args)]),
+            tuple([(d.base.dtype, tuple(d.block_shape), d.padding, getattr(d, "layout", None),
+                    getattr(d, "round_f32_to_tf32", False)) for d in lay.descs(args)]),
             tuple(kwargs.values()))
 
 
