@@ -307,3 +307,39 @@ def test_cached_launches_match_normal_launches(cfg):
                 assert torch.equal(a, b)
     st = L.launch_stats()
     assert all(s["hits"] > 0 and s["reason"] == "" for s in st.values()), st
+
+
+HOPPER = GPU and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernels need a Hopper GPU")
+def test_gluon_launches_are_cached_and_match_normal_launches():
+    """The Gluon attention and GEMM-O kernels (descriptor arguments with shared layouts) take the cached
+    path from their second call, with the bits of a normal launch, for both 2-byte dtypes."""
+    from flashomni_compile.kernels import attention_sm90, gemm_o_sm90
+
+    if not attention_sm90.AVAILABLE:
+        pytest.skip("this triton has no Gluon")
+    g = torch.Generator("cuda").manual_seed(0)
+    N, D, H = attention.GLUON_MIN_NKV, 128, 2
+
+    def calls(dtype):
+        q, k, v = (torch.randn(1, N, H, D, generator=g, device="cuda").to(dtype).transpose(1, 2) for _ in range(3))
+        a = torch.randn(1, 512, H * D, generator=g, device="cuda").to(dtype)
+        w = torch.randn(256, H * D, generator=g, device="cuda").to(dtype)
+        c = torch.randn(1, 512, 256, generator=g, device="cuda").to(dtype)
+        keep = torch.rand(1, H, 4, generator=g, device="cuda") < 0.5
+        return lambda: (attention.sparse_attention_triton(q, k, v, None, None, None, None, None, D ** -0.5, 128, 128)[0],
+                        gemm_o.sparse_linear_o_triton(a, w, c, keep, None, None, D, 0, 128))
+
+    runs = [calls(dt) for dt in (torch.float16, torch.bfloat16)]
+    L.set_launch_cache("off")
+    want = [run() for run in runs]
+    L.set_launch_cache("on")
+    for _ in range(3):
+        for run, ref in zip(runs, want):
+            for a, b in zip(run(), ref):
+                assert torch.equal(a, b)
+    st = L.launch_stats()
+    for name in (attention_sm90._sparse_attn_fwd_sm90.__name__, gemm_o_sm90._gemm_o_sm90_kernel.__name__):
+        assert st[name]["hits"] > 0 and st[name]["fallbacks"] == 0, st
