@@ -335,6 +335,30 @@ def test_attention_only_site_and_key_padding():
                      "update", "update"]
 
 
+def test_dense_attention_with_padding_routes_to_the_kernel(monkeypatch):
+    """With a key padding mask, the engine's dense attention goes to the sparse-attention op with no
+    symbols (on Hopper when the table routes the call to the Gluon kernel: ``gluon_takes``, forced here),
+    returns SDPA's result in the ``[B, N, H, D]`` memory order, and zeros for a batch row whose every key is
+    padded. Without a mask it stays on SDPA."""
+    calls = []
+    real_op = engine.sparse_attention_op
+    monkeypatch.setattr(engine, "gluon_takes", lambda q, k, v: True)
+    monkeypatch.setattr(engine, "sparse_attention_op", lambda *a: calls.append(a) or real_op(*a))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, n, 3, 32, generator=g, dtype=torch.float64).transpose(1, 2) for n in (70, 300, 300))
+    kpm = torch.rand(2, 300, generator=g) < 0.7
+    kpm[1] = False
+    out = engine._dense_attention(q, k, v, kpm, 0.2)
+    assert len(calls) == 1 and all(t is None for t in calls[0][3:7]) and calls[0][9:11] == (128, 128)
+    assert out.shape == (2, 3, 70, 32) and out.transpose(1, 2).is_contiguous()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=kpm[:, None, None, :], scale=0.2)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))     # SDPA: zeros or NaN, by backend and version
+    assert rel(out[0], ref[0]) < TOL64
+    calls.clear()
+    assert rel(engine._dense_attention(q, k, v, None, 0.2), F.scaled_dot_product_attention(q, k, v, scale=0.2)) < TOL64
+    assert not calls
+
+
 # ---------------------------------------------------------------------------------------------------
 # Per-layer state, CFG branches, steps
 # ---------------------------------------------------------------------------------------------------
