@@ -172,7 +172,9 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
                "dispatch_gpu_ms": med("dispatch", 1), "dispatch_host_ms": med("dispatch", 0),
                "n_update": len(upd), "n_dispatch": len(dis),
                "layers": {k: v for k, v in cfg.items() if k in ("num_layers", "num_single_layers")},
-               "runtime_options": options, "cuda_graphs": graphs, **(density or {})}
+               "runtime_options": options, "cuda_graphs": graphs, **(density or {}),
+               # every step of the timed loop (update medians mix dense warm-up/last steps and sparse updates)
+               "step_ms": [round(t, 3) for t in times], "step_kinds": kinds}
         if impl == "flashomni" and graphs:
             rec["graph_calls"] = gstats        # of the timed loop: replays, captures, eager calls
             rec["graph_failures"] = graph_failures()
