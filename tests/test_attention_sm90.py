@@ -137,16 +137,17 @@ def test_matches_reference(Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms, 
 
 
 @pytest.mark.skipif(not (HOPPER and attention_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")
-@pytest.mark.parametrize("N, routed", [(attention.GLUON_MIN_NKV, True), (attention.GLUON_MIN_NKV - 128, False)])
-def test_table_routes_long_sequences_to_gluon(N, routed, monkeypatch):
+@pytest.mark.parametrize("D, N, routed", [(128, attention.GLUON_MIN_NKV, True), (128, attention.GLUON_MIN_NKV - 128, False),
+                                          (64, 8192, True), (64, 8064, False)])
+def test_table_routes_long_sequences_to_gluon(D, N, routed, monkeypatch):
     g = torch.Generator("cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, N, 2, 128, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    q, k, v = (torch.randn(1, N, 2, D, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)
                for _ in range(3))
     launched = []
     real_launch = attention_sm90.sparse_attention_sm90
     monkeypatch.setattr(attention_sm90, "sparse_attention_sm90",
                         lambda *a, **kw: launched.append(1) or real_launch(*a, **kw))
-    out, _ = sparse_attention_triton(q, k, v, None, None, None, None, None, 128 ** -0.5, 128, 128)
+    out, _ = sparse_attention_triton(q, k, v, None, None, None, None, None, D ** -0.5, 128, 128)
     assert bool(launched) == routed
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert rel_err(out, ref) < REL_TOL[torch.bfloat16]

@@ -13,8 +13,9 @@ skipped block costs nothing. Online softmax after FlashAttention-2 (Dao, 2023); 
 
 This file holds, in order: the Triton kernels, the launch table and the launcher
 ``sparse_attention_triton``, and the reference twin ``sparse_attention_ref`` with the same signature.
-On Hopper the launcher hands the calls its table marks (``KernelConfig.gluon``: head dim 128, at least
-``GLUON_MIN_NKV`` keys) to the warp-specialised Gluon kernel of ``attention_sm90.py`` when they qualify.
+On Hopper the launcher hands the calls its table marks (``KernelConfig.gluon``: head dim 128 from
+``GLUON_MIN_NKV`` keys, head dim 64 from 8192) to the warp-specialised Gluon kernel of
+``attention_sm90.py`` when they qualify.
 Output layout for both: ``out`` has shape ``[B, H, Nq, D]`` and memory order ``[B, Nq, H, D]`` (like
 SDPA's flash path, so the usual ``transpose(1, 2).reshape(B, Nq, H * D)`` that follows is free);
 ``lse`` is float32 ``[B, H, Nq]``.
@@ -253,6 +254,12 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, CACHE, CACHE1, CACHE2, QKEEP, KVCOUNT, KVI
 # ---------------------------------------------------------------------------------------------------
 # Launch table and launcher
 # ---------------------------------------------------------------------------------------------------
+# The D=128 Gluon entry applies from this many keys on (``KernelConfig.gluon_min_nkv``'s default). H200,
+# D=128, H=24 (benchmarks/NOTES.md, session 8): at N=4608 the Gluon kernel took 0.438 ms dense against
+# 0.549 for the Triton kernel and 0.150 vs 0.168 at kv density 0.25; shorter sequences were not measured.
+GLUON_MIN_NKV = 4096
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Kernel tile sizes and launch settings; ``block_m``/``block_n`` are capped by the symbol blocks.
@@ -271,10 +278,11 @@ class KernelConfig:
     list_stages: Optional[int] = None
     tma: bool = False
     # Hopper only: the warp-specialised Gluon kernel (``attention_sm90.py``) when the call qualifies
-    # (``attention_sm90.supports``; from the table also only for long kv sequences, see GLUON_MIN_NKV);
+    # (``attention_sm90.supports``; from the table also only from ``gluon_min_nkv`` keys on);
     # ``k_stages`` is the depth of its K ring. The other fields then do not apply.
     gluon: bool = False
     k_stages: int = 2
+    gluon_min_nkv: int = GLUON_MIN_NKV
 
     def stages(self, lists: bool) -> int:
         if not lists:
@@ -290,7 +298,9 @@ class KernelConfig:
 _TABLE = {
     ("sm90", 16): KernelConfig(128, 128, 8, 3),
     ("sm90", 32): KernelConfig(128, 128, 8, 3),   # 4 warps spilled 120 B/thread (ptxas, triton 3.6)
-    ("sm90", 64): KernelConfig(128, 64, 8, 3),    # 3.84 ms vs 4.34 for 128x128 (N=16384, H=24, H100)
+    # D=64: 3.84 ms vs 4.34 for 128x128 (N=16384, H=24, H100); Gluon from 8192 keys (H200, H=32, N=16384:
+    # 3.73 ms dense vs 3.95, 0.99 vs 1.05 at kv density 0.25; at 4608 not shown faster: NOTES.md session 8)
+    ("sm90", 64): KernelConfig(128, 64, 8, 3, gluon=True, gluon_min_nkv=8192),
     ("sm90", 128): KernelConfig(128, 128, 8, 3, gluon=True),   # Gluon from GLUON_MIN_NKV keys, else these tiles
     ("sm90", 256): KernelConfig(128, 32, 8, 2),   # 128x64 spilled 56 B/thread (ptxas, triton 3.6)
     ("sm80", 16): KernelConfig(128, 64, 4, 3),
@@ -300,16 +310,13 @@ _TABLE = {
     ("sm80", 256): KernelConfig(64, 32, 8, 2),
 }
 _INTERP = KernelConfig(64, 64, 4, 1)
-# The table's Gluon entries apply from this many keys on. H200, D=128, H=24 (benchmarks/NOTES.md,
-# session 8): at N=4608 the Gluon kernel took 0.438 ms dense against 0.549 for the Triton kernel and
-# 0.150 vs 0.168 at kv density 0.25; shorter sequences were not measured.
-GLUON_MIN_NKV = 4096
-
 
 def gluon_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_kv: int = 128) -> bool:
     """Whether the launch table sends this call to the Gluon kernel of ``attention_sm90.py``."""
-    return (q.is_cuda and GLUON_ON and k.shape[2] >= GLUON_MIN_NKV and launch_config(q.device, q.shape[-1]).gluon
-            and attention_sm90.supports(q, k, v, block_q, block_kv))
+    if not (q.is_cuda and GLUON_ON):
+        return False
+    cfg = launch_config(q.device, q.shape[-1])
+    return cfg.gluon and k.shape[2] >= cfg.gluon_min_nkv and attention_sm90.supports(q, k, v, block_q, block_kv)
 
 
 def _arch(device: torch.device) -> str:
