@@ -2,6 +2,7 @@
 
     python tests/sm90_compile_check.py          # attention: one line per variant {"variant", "D", "regs", "spill", "shared"}
     python tests/sm90_compile_check.py gemm_o   # GEMM-O (gemm_o_sm90.py), the same fields
+    python tests/sm90_compile_check.py refresh  # the refresh pass (refresh.py, a Triton kernel), the same fields
 
 Under ``sm90_target`` (a stub driver reporting sm_90) each launch becomes ``kernel.warmup`` (compile only)
 on CPU tensors of the kernel's real shapes and strides. ``test_attention_sm90.py`` runs it in a subprocess,
@@ -79,5 +80,28 @@ def gemm_o_main() -> None:
     sys.stdout.flush()
 
 
+def refresh_main() -> None:
+    """Variants: Taylor terms written 0 / 1 / 2, D 64 / 128 (and 40: padded to 64), bf16, a partial block."""
+    from flashomni_compile.kernels import refresh
+
+    for terms, D in itertools.product((0, 1, 2), (40, 64, 128)):
+        x = torch.empty(1, 300, 4, D, dtype=torch.bfloat16).transpose(1, 2)
+        d1 = torch.empty_like(x) if terms else None
+        d2 = torch.empty_like(x) if terms > 1 else None
+        built = []
+        real = refresh.launch
+        refresh.launch = lambda kern, grid, *a, **kw: built.append(kern.warmup(*a, grid=grid, **kw))
+        try:
+            with sm90_target():
+                refresh.refresh_terms_triton(x, torch.empty_like(x), d1, d2, 2.0, 128)
+        finally:
+            refresh.launch = real
+        regs, spill = resource_usage(built[-1])
+        print(json.dumps(dict(variant=f"terms{terms}", D=D, regs=regs, spill=spill,
+                              shared=built[-1].metadata.shared)))
+    sys.stdout.flush()
+
+
 if __name__ == "__main__":
-    gemm_o_main() if sys.argv[1:] == ["gemm_o"] else main()
+    mode = sys.argv[1:]
+    gemm_o_main() if mode == ["gemm_o"] else refresh_main() if mode == ["refresh"] else main()

@@ -312,6 +312,36 @@ def test_cache_update_with_shared_diff_equals_without():
     assert a.active_order == 2
 
 
+@pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.parametrize("kernel", [False, True])
+def test_cache_refresh_then_update_equals_update(order, kernel, monkeypatch):
+    """``refresh`` (the fused pass the change metric calls) then ``update`` leaves the same terms as
+    ``update`` alone, returns the block norms of ``out - D0`` and ``D0``, and does not touch ``D0``
+    (the policy still reads it as ``prev_out``); with ``kernel`` through the Triton kernel (interpreter)."""
+    from flashomni_compile.runtime.cache import FeatureCache
+    from flashomni_compile.runtime.policies import _block_norm
+    if kernel:
+        monkeypatch.setenv("FLASHOMNI_FORCE_TRITON", "1")
+    g = torch.Generator().manual_seed(4)
+    outs = [torch.randn(1, 200, 2, 64, generator=g).transpose(1, 2) for _ in range(4)]
+    a, b = FeatureCache(order), FeatureCache(order)
+    for s, o in zip((0, 2, 5, 6), outs):
+        if a.updates:
+            d0 = a.terms[0].clone()
+            num, den = a.refresh(o, s, 32)
+            assert torch.equal(a.terms[0], d0)
+            torch.testing.assert_close(num, _block_norm(o - d0, 32), rtol=1e-5, atol=0)
+            torch.testing.assert_close(den, _block_norm(d0, 32), rtol=1e-5, atol=0)
+        else:
+            with pytest.raises(RuntimeError, match="earlier update"):
+                a.refresh(o, s, 32)
+        a.update(o, s)
+        b.update(o, s)
+        for ta, tb in zip(a.terms[:a.active_order + 1], b.terms):
+            torch.testing.assert_close(ta, tb, rtol=1e-5, atol=1e-5)
+    assert a.active_order == order
+
+
 def test_attention_only_site_and_key_padding():
     """A site with no fused projections (pass begins at attention) and a key padding mask."""
     site = make_site(dict(SPARSE, taylor_order=1), pieces=("attention",))

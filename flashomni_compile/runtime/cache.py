@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..kernels import gemm_o
 from ..kernels.ops import out_proj_cache_op, use_triton
+from ..kernels.refresh import refresh_terms
 
 __all__ = ["FeatureCache", "order_within_cap"]
 
@@ -81,6 +82,7 @@ class FeatureCache:
         self.out_terms: dict[int, list[Tensor]] = {}   # row_offset -> C0..C_order   [B, M, NO]
         self.out_buf: dict[int, Tensor] = {}           # row_offset -> C(t)        [B, M, NO]
         self.planned = False                     # the engine's memory plan has set the final order
+        self._refreshed: Optional[int] = None    # step whose D1/D2 ``refresh`` already formed (one update)
 
     # -- update step ------------------------------------------------------------------------------
     @property
@@ -103,18 +105,38 @@ class FeatureCache:
             self.terms += [_bnhd_empty(self.terms[0]) for _ in range(order - self.order)]
         self.order = order
 
+    def _fits(self, out: Tensor) -> bool:
+        t = self.terms
+        return bool(t) and t[0].shape == out.shape and t[0].dtype == out.dtype and t[0].device == out.device
+
+    def refresh(self, out: Tensor, step: int, block: int) -> tuple[Tensor, Tensor]:
+        """The fused first half of ``update`` (``kernels/refresh.py``), called through the policy's change
+        metric before the symbols are chosen: forms ``D1`` (and ``D2``) from ``out`` and ``D0`` in one
+        pass and returns the block norms ``(||out - D0||, ||D0||)`` ``[B, H, NB]`` over blocks of ``block``
+        rows. ``D0`` is left as it is (the policy may still read it as ``prev_out``); the ``update`` of the
+        same step then only copies ``out`` into it. Needs a history (``updates > 0``) of ``out``'s shape."""
+        if not self._fits(out) or self.updates == 0:
+            raise RuntimeError("FeatureCache.refresh needs the terms of an earlier update of this shape")
+        d1 = self.terms[1] if self.order > 0 else None
+        d2 = self.terms[2] if self.order > 1 and self.updates > 1 else None
+        num, den = refresh_terms(out, self.terms[0], d1, d2, float(step - self.last_step), block)
+        self._refreshed = step
+        return num, den
+
     def update(self, out: Tensor, step: int, diff: Optional[Tensor] = None) -> None:
         """Refresh the terms from this update's dense output ``out [B, H, N, D]`` at ``step``.
 
         ``diff``, when given, is ``out - D0`` already formed in the accumulation dtype (the policy's change
-        metric needs the same difference: ``PolicyContext.output_diff``); it is read, not modified."""
-        if not self.terms or self.terms[0].shape != out.shape or self.terms[0].dtype != out.dtype \
-                or self.terms[0].device != out.device:
+        metric needs the same difference: ``PolicyContext.output_diff``); it is read, not modified. After
+        ``refresh`` at this step the differences are formed already: only ``D0`` is written."""
+        refreshed, self._refreshed = self._refreshed == step, None
+        if not self._fits(out):
             self.terms = [_bnhd_empty(out) for _ in range(self.order + 1)]
             self.extrap = None
             self.out_terms, self.out_buf = {}, {}
             self.updates = 0
-        if self.updates > 0 and self.order > 0:
+            refreshed = False
+        if self.updates > 0 and self.order > 0 and not refreshed:
             d = float(step - self.last_step)
             # Differences in float32: the terms are stored in the activations' dtype, but a bf16
             # subtraction of two nearby outputs would lose most of the difference's bits.

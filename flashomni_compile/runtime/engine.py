@@ -416,6 +416,9 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
                         scores=scores, out=out, seq_kv=Nkv, prev_out=prev_out,
                         steps_since_update=None if br.last_update is None else step - br.last_update,
                         prev_symbols=br.symbols)
+    if prev_out is not None:
+        cache_ = br.cache
+        ctx._refresh = lambda: cache_.refresh(out, step, bq)
     sym = st.policy(ctx)
     if not isinstance(sym, SparseSymbols):
         raise TypeError(f"policy {type(st.policy).__name__} returned {type(sym).__name__}; it must return "

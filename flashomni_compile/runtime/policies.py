@@ -179,6 +179,11 @@ class PolicyContext:
     # memos of one update (computed on first use; the engine hands ``_diff`` on to the feature cache)
     _diff: Optional[Tensor] = field(default=None, init=False, repr=False, compare=False)
     _change: Optional[Tensor] = field(default=None, init=False, repr=False, compare=False)
+    # set by the engine when the layer has a feature cache: ``() -> (num, den)``, the block norms of
+    # ``out - prev_out`` and ``prev_out`` from the cache's fused refresh pass (``FeatureCache.refresh``),
+    # which also forms the cache's new Taylor terms, so ``change`` needs no float32 difference tensor
+    _refresh: Optional[Callable[[], tuple[Tensor, Tensor]]] = field(default=None, init=False, repr=False,
+                                                                    compare=False)
 
     @property
     def batch(self) -> int:
@@ -250,11 +255,14 @@ class PolicyContext:
         if self.prev_out is None:
             return None
         if self._change is None:
-            d = self.output_diff()
-            # ||diff||_block / ||prev||_block, one reduction pass each; the floor 1e-6 on the norm is
-            # the former 1e-12 floor on the squared norm
-            num = _block_norm(d, self.block_q)
-            den = _block_norm(self.prev_out, self.block_q, dtype=d.dtype)
+            # ||diff||_block / ||prev||_block; the floor 1e-6 on the norm is the former 1e-12 floor on the
+            # squared norm
+            if self._refresh is not None and self._diff is None:
+                num, den = self._refresh()            # one fused pass, no difference tensor
+            else:
+                d = self.output_diff()
+                num = _block_norm(d, self.block_q)
+                den = _block_norm(self.prev_out, self.block_q, dtype=d.dtype)
             self._change = (num / den.clamp_min(1e-6)).float()
         return self._change
 
