@@ -342,6 +342,29 @@ def test_cache_refresh_then_update_equals_update(order, kernel, monkeypatch):
     assert a.active_order == order
 
 
+def test_policy_error_after_the_refresh_drops_the_cache_history():
+    """A policy that raises after ``ctx.change()`` (whose fused refresh already wrote this step's D1) must
+    not leave a torn cache: the history is dropped, so the next update starts the terms afresh."""
+    class Boom:
+        caches_q = skips_kv = True
+
+        def __call__(self, ctx):
+            if ctx.prev_out is not None:
+                ctx.change()
+                raise RuntimeError("boom")
+            return ctx.dense()
+
+    opts = {k: v for k, v in SPARSE.items() if k != "policy_args"}
+    site = make_site(dict(opts, policy=Boom(), taylor_order=1))
+    L = Layer.random()
+    forward(site, L, inputs(0))
+    st, br = _state(site, L)
+    assert br.cache is not None and br.cache.updates == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        forward(site, L, inputs(1))
+    assert br.cache.updates == 0 and br.cache.refreshed_step is None
+
+
 def test_attention_only_site_and_key_padding():
     """A site with no fused projections (pass begins at attention) and a key padding mask."""
     site = make_site(dict(SPARSE, taylor_order=1), pieces=("attention",))

@@ -82,7 +82,7 @@ class FeatureCache:
         self.out_terms: dict[int, list[Tensor]] = {}   # row_offset -> C0..C_order   [B, M, NO]
         self.out_buf: dict[int, Tensor] = {}           # row_offset -> C(t)        [B, M, NO]
         self.planned = False                     # the engine's memory plan has set the final order
-        self._refreshed: Optional[int] = None    # step whose D1/D2 ``refresh`` already formed (one update)
+        self.refreshed_step: Optional[int] = None   # step whose D1/D2 ``refresh`` formed (until its ``update``)
 
     # -- update step ------------------------------------------------------------------------------
     @property
@@ -94,6 +94,7 @@ class FeatureCache:
         """Forget the history (a new generation started); buffers are kept for reuse."""
         self.updates = 0
         self.last_step = None
+        self.refreshed_step = None
 
     def raise_order(self, order: int) -> None:
         """Keep up to ``order`` terms from now on (a cache begun at a lower order: the engine plans memory
@@ -120,7 +121,7 @@ class FeatureCache:
         d1 = self.terms[1] if self.order > 0 else None
         d2 = self.terms[2] if self.order > 1 and self.updates > 1 else None
         num, den = refresh_terms(out, self.terms[0], d1, d2, float(step - self.last_step), block)
-        self._refreshed = step
+        self.refreshed_step = step
         return num, den
 
     def update(self, out: Tensor, step: int, diff: Optional[Tensor] = None) -> None:
@@ -129,7 +130,7 @@ class FeatureCache:
         ``diff``, when given, is ``out - D0`` already formed in the accumulation dtype (the policy's change
         metric needs the same difference: ``PolicyContext.output_diff``); it is read, not modified. After
         ``refresh`` at this step the differences are formed already: only ``D0`` is written."""
-        refreshed, self._refreshed = self._refreshed == step, None
+        refreshed, self.refreshed_step = self.refreshed_step == step, None
         if not self._fits(out):
             self.terms = [_bnhd_empty(out) for _ in range(self.order + 1)]
             self.extrap = None

@@ -419,21 +419,26 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
     if prev_out is not None:
         cache_ = br.cache
         ctx._refresh = lambda: cache_.refresh(out, step, bq)
-    sym = st.policy(ctx)
-    if not isinstance(sym, SparseSymbols):
-        raise TypeError(f"policy {type(st.policy).__name__} returned {type(sym).__name__}; it must return "
-                        "SparseSymbols (use ctx.symbols(q_keep, kv_keep) or ctx.dense())")
     try:
-        validate_symbols(sym.q_keep, sym.kv_keep, Nq, Nkv, bq, bkv, batch=B, heads=H, device=q.device)
-    except ValueError as e:
-        raise ValueError(f"policy {type(st.policy).__name__} on site {spec.name!r}: {e}") from None
-    if (sym.block_q, sym.block_kv) != (bq, bkv):
-        raise ValueError(f"policy {type(st.policy).__name__} returned symbols with blocks ({sym.block_q}, "
-                         f"{sym.block_kv}); the site uses ({bq}, {bkv})")
-    if hooks:
-        sym = apply_symbol_hooks(hooks, spec, step, scores, sym)
-    if not caches_q:  # no cache to take rows from (policy never caches, or over the memory cap)
-        sym = SparseSymbols(torch.ones_like(sym.q_keep), sym.kv_keep, Nq, Nkv, bq, bkv)
+        sym = st.policy(ctx)
+        if not isinstance(sym, SparseSymbols):
+            raise TypeError(f"policy {type(st.policy).__name__} returned {type(sym).__name__}; it must return "
+                            "SparseSymbols (use ctx.symbols(q_keep, kv_keep) or ctx.dense())")
+        try:
+            validate_symbols(sym.q_keep, sym.kv_keep, Nq, Nkv, bq, bkv, batch=B, heads=H, device=q.device)
+        except ValueError as e:
+            raise ValueError(f"policy {type(st.policy).__name__} on site {spec.name!r}: {e}") from None
+        if (sym.block_q, sym.block_kv) != (bq, bkv):
+            raise ValueError(f"policy {type(st.policy).__name__} returned symbols with blocks ({sym.block_q}, "
+                             f"{sym.block_kv}); the site uses ({bq}, {bkv})")
+        if hooks:
+            sym = apply_symbol_hooks(hooks, spec, step, scores, sym)
+        if not caches_q:  # no cache to take rows from (policy never caches, or over the memory cap)
+            sym = SparseSymbols(torch.ones_like(sym.q_keep), sym.kv_keep, Nq, Nkv, bq, bkv)
+    except BaseException:
+        if br.cache is not None and br.cache.refreshed_step == step:
+            br.cache.reset()   # the refresh formed this step's D1/D2 but D0 stays old: drop the history
+        raise
 
     br.store_symbols(sym, kv_sparse=skips_kv)
     br.signature = signature
