@@ -159,10 +159,10 @@ if AVAILABLE:
 
     @gluon.jit
     def _consume_tiles(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc, m_i, l_i, IDX,
-                            stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b, stride_kpm_n, Nkv, qk_scale,
-                            s_layout: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
-                            BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
-                            V_STAGES: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr):
+                       stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b, stride_kpm_n, Nkv, qk_scale,
+                       s_layout: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
+                       V_STAGES: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr):
         """A consumer's tile loop with FlashAttention-3's intra-warpgroup overlap (Shah et al., 2024, 3.2):
         S_t = Q K_t^T and O += P_{t-1} V_{t-1} are issued together, and the softmax of S_t runs while the
         PV product is on the tensor cores; O is rescaled by alpha_t once that product retires. Returns
