@@ -17,10 +17,11 @@ from flashomni_compile.kernels.refresh import refresh_terms_ref, refresh_terms_t
 from flashomni_compile.runtime.policies import _block_norm
 
 TERM_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # the kernel: on the GPU, else under the interpreter
 
 
-def _bnhd(B, N, H, D, dtype, g):
-    return torch.randn(B, N, H, D, generator=g).to(dtype).transpose(1, 2)
+def _bnhd(B, N, H, D, dtype, g, device="cpu"):
+    return torch.randn(B, N, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
 
 
 @pytest.mark.parametrize("D, N, block", [(64, 200, 64), (40, 96, 32), (128, 130, 128)])
@@ -29,10 +30,10 @@ def _bnhd(B, N, H, D, dtype, g):
 def test_kernel_matches_twin(D, N, block, dtype, terms):
     g = torch.Generator().manual_seed(D * N + terms)
     B, H = 2, 3
-    out, d0 = _bnhd(B, N, H, D, dtype, g), _bnhd(B, N, H, D, dtype, g)
+    out, d0 = _bnhd(B, N, H, D, dtype, g, DEV), _bnhd(B, N, H, D, dtype, g, DEV)
     out = d0 + 0.1 * out                                  # a nearby output, as at a real update
-    d1 = _bnhd(B, N, H, D, dtype, g) if terms else None
-    d2 = _bnhd(B, N, H, D, dtype, g) if terms > 1 else None
+    d1 = _bnhd(B, N, H, D, dtype, g, DEV) if terms else None
+    d2 = _bnhd(B, N, H, D, dtype, g, DEV) if terms > 1 else None
     got = [None if t is None else t.clone() for t in (d1, d2)]
     want = [None if t is None else t.clone() for t in (d1, d2)]
     num, den = refresh_terms_triton(out, d0, got[0], got[1], 2.0, block)

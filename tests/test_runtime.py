@@ -320,10 +320,11 @@ def test_cache_refresh_then_update_equals_update(order, kernel, monkeypatch):
     (the policy still reads it as ``prev_out``); with ``kernel`` through the Triton kernel (interpreter)."""
     from flashomni_compile.runtime.cache import FeatureCache
     from flashomni_compile.runtime.policies import _block_norm
-    if kernel:
-        monkeypatch.setenv("FLASHOMNI_FORCE_TRITON", "1")
+    dev = "cuda" if kernel and torch.cuda.is_available() else "cpu"
+    if kernel and dev == "cpu":
+        monkeypatch.setenv("FLASHOMNI_FORCE_TRITON", "1")     # the interpreter (conftest sets it off GPUs)
     g = torch.Generator().manual_seed(4)
-    outs = [torch.randn(1, 200, 2, 64, generator=g).transpose(1, 2) for _ in range(4)]
+    outs = [torch.randn(1, 200, 2, 64, generator=g).to(dev).transpose(1, 2) for _ in range(4)]
     a, b = FeatureCache(order), FeatureCache(order)
     for s, o in zip((0, 2, 5, 6), outs):
         if a.updates:
