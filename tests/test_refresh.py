@@ -83,3 +83,21 @@ def test_compiles_for_sm90_without_spills():
     assert {(r["variant"], r["D"]) for r in rows} == {(f"terms{t}", d) for t in range(3) for d in (40, 64, 128)}
     for r in rows:
         assert r["spill"] == 0, f"register spill: {r}"
+
+
+def test_float64_takes_the_twin(monkeypatch):
+    """The kernel accumulates in float32: float64 outputs (the runtime tests' reference runs) take the twin
+    and stay exact; float32 takes the kernel."""
+    from flashomni_compile.kernels import refresh
+
+    if DEV == "cpu":
+        monkeypatch.setenv("FLASHOMNI_FORCE_TRITON", "1")     # the kernel path is open (interpreter)
+    took = []
+    real = refresh.refresh_terms_triton
+    monkeypatch.setattr(refresh, "refresh_terms_triton", lambda *a: took.append(a[0].dtype) or real(*a))
+    g = torch.Generator().manual_seed(1)
+    out, d0 = (_bnhd(1, 64, 2, 32, torch.float64, g, DEV) for _ in range(2))
+    num, _ = refresh.refresh_terms(out, d0, None, None, 1.0, 32)
+    torch.testing.assert_close(num, _block_norm(out - d0, 32).float(), rtol=1e-12, atol=0)
+    refresh.refresh_terms(out.float(), d0.float(), None, None, 1.0, 32)
+    assert took == [torch.float32]

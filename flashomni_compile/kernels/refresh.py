@@ -132,8 +132,10 @@ def refresh_terms_triton(out: Tensor, d0: Tensor, d1: Optional[Tensor], d2: Opti
 
 def refresh_terms(out: Tensor, d0: Tensor, d1: Optional[Tensor], d2: Optional[Tensor], delta: float,
                   block: int) -> tuple[Tensor, Tensor]:
-    """The kernel on CUDA tensors (and on CPU under ``FLASHOMNI_FORCE_TRITON=1``), else the torch twin."""
+    """The kernel on CUDA tensors (and on CPU under ``FLASHOMNI_FORCE_TRITON=1``), else the torch twin; float64
+    always takes the twin (the kernel accumulates in float32)."""
     from .ops import use_triton
 
-    impl = refresh_terms_triton if use_triton(out) else refresh_terms_ref
+    kernel = out.dtype in (torch.float16, torch.bfloat16, torch.float32) and use_triton(out)
+    impl = refresh_terms_triton if kernel else refresh_terms_ref
     return impl(out, d0, d1, d2, delta, block)
