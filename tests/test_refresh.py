@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flashomni_compile.kernels.refresh import refresh_terms_ref, refresh_terms_triton
-from flashomni_compile.runtime.policies import _block_norm
+from flashomni_compile.kernels.refresh import block_norm
 
 TERM_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # the kernel: on the GPU, else under the interpreter
@@ -49,15 +49,15 @@ def test_kernel_matches_twin(D, N, block, dtype, terms):
 
 
 def test_twin_matches_the_runtime_formulas():
-    """num/den are ``_block_norm`` of the float32 difference and of D0; D1 and D2 are
+    """num/den are ``block_norm`` of the float32 difference and of D0; D1 and D2 are
     ``FeatureCache.update``'s divided differences."""
     g = torch.Generator().manual_seed(7)
     out, d0, d1 = (_bnhd(1, 100, 2, 64, torch.bfloat16, g) for _ in range(3))
     diff = out.float() - d0.float()
     d1_new, d2_new = d1.clone(), torch.empty_like(d1)
     num, den = refresh_terms_ref(out, d0, d1_new, d2_new, 3.0, 32)
-    torch.testing.assert_close(num, _block_norm(diff, 32), rtol=1e-5, atol=0)
-    torch.testing.assert_close(den, _block_norm(d0, 32, dtype=torch.float32), rtol=1e-5, atol=0)
+    torch.testing.assert_close(num, block_norm(diff, 32), rtol=1e-5, atol=0)
+    torch.testing.assert_close(den, block_norm(d0, 32, dtype=torch.float32), rtol=1e-5, atol=0)
     assert torch.equal(d2_new, torch.div(torch.sub(diff, d1, alpha=3.0), 9.0).to(torch.bfloat16))
     assert torch.equal(d1_new, torch.div(diff, 3.0).to(torch.bfloat16))
 
@@ -98,6 +98,6 @@ def test_float64_takes_the_twin(monkeypatch):
     g = torch.Generator().manual_seed(1)
     out, d0 = (_bnhd(1, 64, 2, 32, torch.float64, g, DEV) for _ in range(2))
     num, _ = refresh.refresh_terms(out, d0, None, None, 1.0, 32)
-    torch.testing.assert_close(num, _block_norm(out - d0, 32).float(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(num, block_norm(out - d0, 32).float(), rtol=1e-12, atol=0)
     refresh.refresh_terms(out.float(), d0.float(), None, None, 1.0, 32)
     assert took == [torch.float32]

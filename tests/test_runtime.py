@@ -319,7 +319,7 @@ def test_cache_refresh_then_update_equals_update(order, kernel, monkeypatch):
     ``update`` alone, returns the block norms of ``out - D0`` and ``D0``, and does not touch ``D0``
     (the policy still reads it as ``prev_out``); with ``kernel`` through the Triton kernel (interpreter)."""
     from flashomni_compile.runtime.cache import FeatureCache
-    from flashomni_compile.runtime.policies import _block_norm
+    from flashomni_compile.kernels.refresh import block_norm
     dev = "cuda" if kernel and torch.cuda.is_available() else "cpu"
     if kernel and dev == "cpu":
         monkeypatch.setenv("FLASHOMNI_FORCE_TRITON", "1")     # the interpreter (conftest sets it off GPUs)
@@ -331,8 +331,8 @@ def test_cache_refresh_then_update_equals_update(order, kernel, monkeypatch):
             d0 = a.terms[0].clone()
             num, den = a.refresh(o, s, 32)
             assert torch.equal(a.terms[0], d0)
-            torch.testing.assert_close(num, _block_norm(o - d0, 32), rtol=1e-5, atol=0)
-            torch.testing.assert_close(den, _block_norm(d0, 32), rtol=1e-5, atol=0)
+            torch.testing.assert_close(num, block_norm(o - d0, 32), rtol=1e-5, atol=0)
+            torch.testing.assert_close(den, block_norm(d0, 32), rtol=1e-5, atol=0)
         else:
             with pytest.raises(RuntimeError, match="earlier update"):
                 a.refresh(o, s, 32)

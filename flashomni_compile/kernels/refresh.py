@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .launch import cdiv, launch, next_power_of_2
 
-__all__ = ["refresh_terms", "refresh_terms_ref", "refresh_terms_triton"]
+__all__ = ["block_norm", "refresh_terms", "refresh_terms_ref", "refresh_terms_triton"]
 
 
 @triton.jit
@@ -70,6 +70,22 @@ def _refresh_kernel(OUT, D0, D1, D2, NUM, DEN, N, H, delta,
     tl.store(DEN + at, tl.sqrt(tl.sum(sq_prev, 0)))
 
 
+def block_norm(x: Tensor, block: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """L2 norm of ``x [B, H, N, D]`` over each block of ``block`` rows (dim 2) and ``D``: ``[B, H, NB]``,
+    one reduction pass (partial last block handled as a slice)."""
+    n = x.shape[2]
+    nfull, rem = divmod(n, block)
+    parts = []
+    if nfull:
+        parts.append(torch.linalg.vector_norm(x[:, :, :nfull * block].unflatten(2, (nfull, block)), dim=(3, 4),
+                                              dtype=dtype))
+    if rem:
+        parts.append(torch.linalg.vector_norm(x[:, :, nfull * block:], dim=(2, 3), dtype=dtype)[..., None])
+    if not parts:
+        return x.new_zeros(*x.shape[:2], 0, dtype=dtype or x.dtype)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+
 def _check(out: Tensor, d0: Tensor, d1: Optional[Tensor], d2: Optional[Tensor], delta: float, block: int) -> None:
     if out.dim() != 4 or d0.shape != out.shape:
         raise ValueError(f"refresh_terms: out and d0 must be [B, H, N, D] of one shape, got {tuple(out.shape)} "
@@ -91,15 +107,7 @@ def refresh_terms_ref(out: Tensor, d0: Tensor, d1: Optional[Tensor], d2: Optiona
     _check(out, d0, d1, d2, delta, block)
     acc = torch.float64 if out.dtype == torch.float64 else torch.float32
     diff = out.to(acc) - d0.to(acc)
-    B, H, N, D = out.shape
-    nb = cdiv(N, block)
-    pad = nb * block - N
-
-    def norms(x: Tensor) -> Tensor:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return torch.linalg.vector_norm(x.reshape(B, H, nb, block * D), dim=-1).to(torch.float32)
-
-    num, den = norms(diff), norms(d0.to(acc))
+    num, den = block_norm(diff, block).float(), block_norm(d0, block, dtype=acc).float()
     if d2 is not None:
         d2.copy_((diff - delta * d1.to(acc)) / (delta * delta))
     if d1 is not None:

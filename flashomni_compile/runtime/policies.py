@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._capture import device_cache
+from ..kernels.refresh import block_norm
 from ..symbols import SparseSymbols, num_blocks
 from .spec import SiteSpec
 
@@ -74,22 +75,6 @@ def _block_reduce_to(x: Tensor, block: int, dim: int, op: Callable[..., Tensor],
     if not parts:
         return x.new_zeros(*x.shape[:dim], 0, *x.shape[dim + 1:], dtype=dtype)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-
-
-def _block_norm(x: Tensor, block: int, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """L2 norm of ``x [B, H, N, D]`` over each block of ``block`` rows (dim 2) and ``D``: ``[B, H, NB]``,
-    one reduction pass (partial last block handled as a slice)."""
-    n = x.shape[2]
-    nfull, rem = divmod(n, block)
-    parts = []
-    if nfull:
-        parts.append(torch.linalg.vector_norm(x[:, :, :nfull * block].unflatten(2, (nfull, block)), dim=(3, 4),
-                                              dtype=dtype))
-    if rem:
-        parts.append(torch.linalg.vector_norm(x[:, :, nfull * block:], dim=(2, 3), dtype=dtype)[..., None])
-    if not parts:
-        return x.new_zeros(*x.shape[:2], 0, dtype=dtype or x.dtype)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
 def pooled_scores(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], scale: float, block_q: int,
@@ -261,8 +246,8 @@ class PolicyContext:
                 num, den = self._refresh()            # one fused pass, no difference tensor
             else:
                 d = self.output_diff()
-                num = _block_norm(d, self.block_q)
-                den = _block_norm(self.prev_out, self.block_q, dtype=d.dtype)
+                num = block_norm(d, self.block_q)
+                den = block_norm(self.prev_out, self.block_q, dtype=d.dtype)
             self._change = (num / den.clamp_min(1e-6)).float()
         return self._change
 
