@@ -311,12 +311,20 @@ _TABLE = {
 }
 _INTERP = KernelConfig(64, 64, 4, 1)
 
-def gluon_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_kv: int = 128) -> bool:
-    """Whether the launch table sends this call to the Gluon kernel of ``attention_sm90.py``."""
-    if not (q.is_cuda and GLUON_ON):
-        return False
-    cfg = launch_config(q.device, q.shape[-1])
-    return cfg.gluon and k.shape[2] >= cfg.gluon_min_nkv and attention_sm90.supports(q, k, v, block_q, block_kv)
+def gluon_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128, block_kv: int = 128,
+                config: Optional[KernelConfig] = None) -> bool:
+    """Whether this call runs on the Gluon kernel of ``attention_sm90.py``: by the launch table (its
+    ``gluon`` entries from ``gluon_min_nkv`` keys, unless ``FLASHOMNI_GLUON=0``), or by an explicit
+    ``config`` (benchmarks, tests) whose ``gluon`` is set; either way only calls the kernel ``supports``."""
+    if config is None:
+        if not (q.is_cuda and GLUON_ON):
+            return False
+        cfg = launch_config(q.device, q.shape[-1])
+        if k.shape[2] < cfg.gluon_min_nkv:
+            return False
+    else:
+        cfg = config
+    return cfg.gluon and attention_sm90.supports(q, k, v, block_q, block_kv)
 
 
 def _arch(device: torch.device) -> str:
@@ -368,8 +376,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Capping by the symbol blocks keeps a kept symbol block a whole number of tiles (powers of two).
     block_m, block_n = min(cfg.block_m, block_q), min(cfg.block_n, block_kv)
     stages = cfg.stages(lists=kv_count is not None)
-    gluon = (cfg.gluon and attention_sm90.supports(q, k, v, block_q, block_kv)) if config is not None else \
-        gluon_takes(q, k, v, block_q, block_kv)
+    gluon = gluon_takes(q, k, v, block_q, block_kv, config)
     # With a key padding mask, only the tiles of blocks holding a masked key (or the partial last block)
     # take the masked path. The Gluon kernel reads a per-block flag (``masked_kv_blocks``) for each tile
     # it visits, in any order; the Triton kernel's two loops need the lists reordered so that those blocks
