@@ -75,7 +75,8 @@ def _dense_attention(q, k, v, key_padding_mask, scale) -> Tensor:
     """The fastest dense attention: SDPA, except with a key padding mask on a call the Gluon kernel takes.
     SDPA then cannot use its flash path and cuDNN reads the mask as a bias: 32.6 ms against 22.3 without
     it on an H200 ([1, 24, 33536, 128] bf16, 64 padded keys), where our kernel masks only the tiles of the
-    blocks that hold a padded key (benchmarks/NOTES.md, session 8)."""
+    blocks that hold a padded key (benchmarks/NOTES.md, session 8: a probe; ``benchmarks/bench_padding.py``
+    measures it)."""
     if key_padding_mask is not None and gluon_takes(q, k, v):
         out, _ = sparse_attention_op(q, k, v, None, None, None, None, key_padding_mask, float(scale), 128, 128,
                                      None, None, 0.0)
