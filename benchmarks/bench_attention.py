@@ -63,6 +63,7 @@ VARIANTS = {
     "gluon": KernelConfig(128, 128, 8, 3, gluon=True),
     "gluon_k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3),
     "gluon_k4": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=4),
+    "gluon_persistent": KernelConfig(128, 128, 8, 3, gluon=True, persistent=True),
 }
 
 
@@ -222,6 +223,7 @@ def main(argv=None):
     ap.add_argument("--variants", action="store_true", help="compare kernel launch variants (ours only)")
     ap.add_argument("--n", type=str, default=None, help="comma-separated sequence lengths")
     ap.add_argument("--only", type=str, default=None, help="with --variants: comma-separated variant names")
+    ap.add_argument("--kv", type=str, default=None, help="comma-separated kv densities (default: the grid's)")
     ap.add_argument("--heads", type=int, default=24)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--out", type=str, default=None, help="JSON path (default: results/attention_h100.json, "
@@ -232,6 +234,8 @@ def main(argv=None):
     B, H, D = 1, args.heads, args.head_dim
     Ns = [int(n) for n in args.n.split(",")] if args.n else ([16384] if args.quick else [4608, 16384, 33792])
     kv_ds = [1.0, 0.25] if args.quick or args.variants else [1.0, 0.5, 0.25, 0.1]
+    if args.kv:
+        kv_ds = [float(d) for d in args.kv.split(",")]
     q_ds = [1.0, 0.5]
     scale = 1.0 / math.sqrt(D)
     records = []

@@ -54,7 +54,7 @@ from .gluon_hopper import (AVAILABLE, GluonDescriptor, fence_async_shared, gl, g
                            warpgroup_mma, warpgroup_mma_wait)
 from .gluon_hopper import tma_load as _tma_load
 from .gluon_hopper import tma_store as _tma_store
-from .launch import capability, cdiv
+from .launch import capability, cdiv, num_sms
 
 __all__ = ["supports", "gemm_o_sm90", "AVAILABLE"]
 
@@ -64,7 +64,6 @@ BLOCK_K = 64
 STAGES = 4      # ring of A/W slices, 4 x 32 KB (64 x 256 tiles: 40 KB), + 2 C/Y buffers of 32 KB: 192 (224) KB
 GROUP_M = 8     # row tiles that sweep the column tiles together (L2 reuse of W)
 WORD = 32       # heads per q_keep load of the head walk
-_SMS: dict[int, int] = {}
 
 
 def supports(a: Tensor, weight: Tensor, c: Optional[Tensor], extra: Optional[Tensor], extra_weight: Optional[Tensor],
@@ -275,13 +274,6 @@ if AVAILABLE:
         ], [4, 1], [232, 40])
 
 
-def _num_sms(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
-
-
 def _descriptor(t: Tensor, block: list[int]):
     gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
     return GluonDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
@@ -305,7 +297,7 @@ def gemm_o_sm90(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[T
     desc_ew = _descriptor(extra_weight, blk_w) if has_extra else desc_w
     tiles_m, tiles_n = cdiv(M, block_m), cdiv(N, block_n)
     num_tiles = B * tiles_m * tiles_n
-    grid = (min(num_tiles, programs or (_num_sms(a.device) if a.is_cuda else 1)),)
+    grid = (min(num_tiles, programs or (num_sms(a.device) if a.is_cuda else 1)),)
     launch(
         _gemm_o_sm90_kernel, grid,
         desc_a, desc_w, desc_c, desc_y, desc_e, desc_ew, bias if bias is not None else y, keep,

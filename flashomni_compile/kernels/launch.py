@@ -58,7 +58,7 @@ import torch
 import triton
 
 __all__ = ["launch", "launch_key", "set_launch_cache", "launch_stats", "clear_launch_cache", "cdiv",
-           "next_power_of_2", "capability", "GLUON_ON"]
+           "next_power_of_2", "capability", "num_sms", "GLUON_ON"]
 
 _MODES = ("on", "off", "verify")
 _ENV = os.environ.get("FLASHOMNI_LAUNCH_CACHE", "on")
@@ -93,6 +93,7 @@ def next_power_of_2(n: int) -> int:
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
+_SMS: dict[int, int] = {}
 # FLASHOMNI_GLUON=0 (read at import) keeps every call on the Triton kernels: the Gluon kernels for Hopper
 # (attention_sm90.py, gemm_o_sm90.py) are never chosen, to compare or to rule them out.
 GLUON_ON = os.environ.get("FLASHOMNI_GLUON", "1") != "0"
@@ -105,6 +106,14 @@ def capability(device: torch.device) -> tuple[int, int]:
     if cap is None:
         cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
     return cap
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (the grid of a persistent kernel), asked once per index."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def _current_device() -> int:
