@@ -63,7 +63,6 @@ VARIANTS = {
     "gluon": KernelConfig(128, 128, 8, 3, gluon=True),
     "gluon_k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3),
     "gluon_k4": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=4),
-    "gluon_persistent": KernelConfig(128, 128, 8, 3, gluon=True, persistent=True),
 }
 
 

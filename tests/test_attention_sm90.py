@@ -23,14 +23,8 @@ from flashomni_compile.symbols import kv_block_lists, num_blocks
 
 TRITON_36 = triton.__version__.startswith("3.6")
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-# K ring depth 2 (the table's) and 3; "persistent": 7 programs walk the work items (see PERSISTENT_PROGRAMS)
-GLUON = {"k2": KernelConfig(128, 128, 8, 3, gluon=True),
-         "k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3),
-         "persistent": KernelConfig(128, 128, 8, 3, gluon=True, persistent=True)}
-# Far fewer programs than items (the cases have 24-54), and not a divisor of any count: every program walks
-# items of every kind (computed, cached, empty rows) in an uneven share, so the ring and Q-slot phases
-# are carried across items of different tile counts.
-PERSISTENT_PROGRAMS = 7
+GLUON = {"k2": KernelConfig(128, 128, 8, 3, gluon=True),          # K ring depth 2 (the table's) and 3
+         "k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3)}
 
 
 # Known: on triton 3.6 (not 3.9) ptxas spills 16 B in the one variant with lists, a key padding mask,
@@ -121,7 +115,6 @@ def test_matches_reference(Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms, 
     real = attention.empty_output
     monkeypatch.setattr(attention, "empty_output",
                         lambda q_, v_: tuple(t.fill_(float("nan")) for t in real(q_, v_)))
-    monkeypatch.setattr(attention_sm90, "num_sms", lambda device: PERSISTENT_PROGRAMS)
     launched = []
     real_launch = attention_sm90.sparse_attention_sm90
     monkeypatch.setattr(attention_sm90, "sparse_attention_sm90",
@@ -150,7 +143,6 @@ def test_table_routes_long_sequences_to_gluon(D, N, routed, monkeypatch):
     g = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(1, N, 2, D, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)
                for _ in range(3))
-    monkeypatch.setattr(attention_sm90, "num_sms", lambda device: PERSISTENT_PROGRAMS)
     launched = []
     real_launch = attention_sm90.sparse_attention_sm90
     monkeypatch.setattr(attention_sm90, "sparse_attention_sm90",
@@ -173,7 +165,6 @@ def test_engine_dense_attention_with_padding_takes_gluon(monkeypatch):
                for _ in range(3))
     kpm = torch.ones(1, N, dtype=torch.bool, device="cuda")
     kpm[:, -100:] = False
-    monkeypatch.setattr(attention_sm90, "num_sms", lambda device: PERSISTENT_PROGRAMS)
     launched = []
     real_launch = attention_sm90.sparse_attention_sm90
     monkeypatch.setattr(attention_sm90, "sparse_attention_sm90",

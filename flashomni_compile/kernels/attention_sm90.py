@@ -50,7 +50,7 @@ import torch
 from .gluon_hopper import (AVAILABLE, GluonDescriptor, fence_async_shared, gl, gluon, mbarrier, tma_ok,
                            warpgroup_mma, warpgroup_mma_wait)
 from .gluon_hopper import tma_load as _tma_load
-from .launch import capability, num_sms
+from .launch import capability
 
 __all__ = ["supports", "sparse_attention_sm90", "AVAILABLE"]
 
@@ -158,31 +158,31 @@ if AVAILABLE:
         return p, m_new, alpha, l_new
 
     @gluon.jit
-    def _consume_tiles(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc, m_i, l_i, tc, IDX,
+    def _consume_tiles(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc, m_i, l_i, IDX,
                        stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b, stride_kpm_n, Nkv, qk_scale,
                        s_layout: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
                        V_STAGES: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr):
         """A consumer's tile loop with FlashAttention-3's intra-warpgroup overlap (Shah et al., 2024, 3.2):
         S_t = Q K_t^T and O += P_{t-1} V_{t-1} are issued together, and the softmax of S_t runs while the
-        PV product is on the tensor cores; O is rescaled by alpha_t once that product retires. ``tc``: the
-        tiles this program consumed before (its ring position). Returns ``(acc, m_i, l_i)``; ``n_tiles >= 1``."""
+        PV product is on the tensor cores; O is rescaled by alpha_t once that product retires. Returns
+        ``(acc, m_i, l_i)``; ``n_tiles >= 1``."""
         dtype: gl.constexpr = k_smem.dtype
-        mbarrier.wait(k_ready.index(tc % K_STAGES), (tc // K_STAGES) & 1)
-        s = warpgroup_mma(q2, k_smem.index(tc % K_STAGES).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s,
-                          use_acc=False, is_async=True)
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s, use_acc=False,
+                          is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        mbarrier.arrive(k_empty.index(tc % K_STAGES), count=1)
+        mbarrier.arrive(k_empty.index(0), count=1)
         p, m_i, alpha, l_i = _tile_softmax(s, 0, m_i, l_i, IDX, stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b,
                                            stride_kpm_n, Nkv, qk_scale, s_layout, BLOCK_N, HAS_LISTS, HAS_KPM)
         p_op = gl.convert_layout(p.to(dtype), p_layout)          # acc is 0: no rescale for the first tile
         for t in range(1, n_tiles):
-            ks = (tc + t) % K_STAGES
-            mbarrier.wait(k_ready.index(ks), ((tc + t) // K_STAGES) & 1)
+            ks = t % K_STAGES
+            mbarrier.wait(k_ready.index(ks), (t // K_STAGES) & 1)
             s = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s, use_acc=False,
                               is_async=True)
-            vs = (tc + t - 1) % V_STAGES
-            mbarrier.wait(v_ready.index(vs), ((tc + t - 1) // V_STAGES) & 1)
+            vs = (t - 1) % V_STAGES
+            mbarrier.wait(v_ready.index(vs), ((t - 1) // V_STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # S_t done; PV_{t-1} still in flight
             mbarrier.arrive(k_empty.index(ks), count=1)
@@ -194,151 +194,91 @@ if AVAILABLE:
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             m_i = m_new
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-        vs = (tc + n_tiles - 1) % V_STAGES
-        mbarrier.wait(v_ready.index(vs), ((tc + n_tiles - 1) // V_STAGES) & 1)
+        vs = (n_tiles - 1) % V_STAGES
+        mbarrier.wait(v_ready.index(vs), ((n_tiles - 1) // V_STAGES) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(v_empty.index(vs), count=1)
         return acc, m_i, l_i
 
-    @gluon.jit
-    def _work_item(item, QKEEP, KVCOUNT, KVINDEX, sym_strides, H, NQB, NKB, HAS_QKEEP: gl.constexpr,
-                   HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr, EVEN_KV: gl.constexpr):
-        """Work item ``item`` = (q-block ``pid_m``, head ``(off_b, off_h)``), q-blocks of one head adjacent
-        (neighbouring programs share K and V in L2): ``(off_b, off_h, pid_m, keep, n_tiles, n_full, IDX)``,
-        where tiles ``[0, n_full)`` need no mask (without a key padding mask) and ``IDX`` points at the
-        item's kv list."""
-        (stride_keep_b, stride_keep_h, stride_keep_q, stride_cnt_b, stride_cnt_h, stride_cnt_q,
-         stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_j) = (
-            sym_strides[0], sym_strides[1], sym_strides[2], sym_strides[3], sym_strides[4], sym_strides[5],
-            sym_strides[6], sym_strides[7], sym_strides[8], sym_strides[9])
-        pid_m = item % NQB
-        pid_bh = (item // NQB).to(gl.int64)
-        off_b = pid_bh // H
-        off_h = pid_bh % H
-        if HAS_QKEEP:
-            keep = gl.load(QKEEP + off_b * stride_keep_b + off_h * stride_keep_h + pid_m * stride_keep_q).to(gl.int32)
-        else:
-            # Always true, but not a constant: with a constant, triton 3.6's lowering to LLVM fails an
-            # assertion on this kernel (SmallVector index, ConvertTritonGPUToLLVM); 3.9 takes either.
-            keep = (pid_m >= 0).to(gl.int32)
-        if HAS_LISTS:
-            n_tiles = gl.load(KVCOUNT + off_b * stride_cnt_b + off_h * stride_cnt_h + pid_m * stride_cnt_q)
-            IDX = KVINDEX + off_b * stride_idx_b + off_h * stride_idx_h + pid_m * stride_idx_q
-        else:
-            n_tiles = NKB
-            IDX = KVINDEX
-        n_full = n_tiles
-        if not HAS_KPM and not EVEN_KV:
-            if HAS_LISTS:
-                last = gl.load(IDX + gl.maximum(n_tiles - 1, 0) * stride_idx_j)
-                n_full = n_tiles - ((n_tiles > 0) & (last == NKB - 1)).to(gl.int32)
-            else:
-                n_full = NKB - 1
-        return off_b, off_h, pid_m, keep, n_tiles, n_full, IDX
-
     # Partitions (module docstring). Stages are handed over with mbarriers: ready (loader -> consumers,
-    # TMA byte count) and empty (consumers -> loader, one arrive per consumer partition). Each partition
-    # walks the same work items and counts the tiles (``tc``) and Q tiles (``qc``) it has passed, so all
-    # three agree on every buffer's use count across items.
+    # TMA byte count) and empty (consumers -> loader, one arrive per consumer partition).
     @gluon.jit
-    def _ws_consumer(args, HEAD_DIM: gl.constexpr, HAS_QKEEP: gl.constexpr, HAS_LISTS: gl.constexpr,
-                     HAS_KPM: gl.constexpr, EVEN_KV: gl.constexpr, CACHE_TERMS: gl.constexpr,
-                     BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                     Q_SLOTS: gl.constexpr, HALF: gl.constexpr):
-        (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, QKEEP, KVCOUNT, KVINDEX, KVMASKED, KPM, strides,
-         sym_strides, H, Nq, Nkv, NQB, NKB, num_items, qk_scale, cache_c1, cache_c2, smem, bars) = args
+    def _ws_consumer(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
+                     CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+                     V_STAGES: gl.constexpr, HALF: gl.constexpr):
+        (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, KVMASKED_b, IDX, strides, keep, n_tiles,
+         n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_cb, stride_ch, stride_cn, stride_cd = strides[7], strides[8], strides[9], strides[10]
-        stride_idx_j, stride_kpm_n, stride_kpm_b = strides[11], strides[12], strides[13]
+        stride_idx_j, stride_kpm_n = strides[11], strides[12]
         q_smem, k_smem, v_smem = smem
-        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
+        q_bar, k_ready, k_empty, v_ready, v_empty = bars
         WG_M: gl.constexpr = 64
+        dtype: gl.constexpr = desc_k.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        tc = 0
-        qc = 0
-        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            off_b, off_h, pid_m, keep, n_tiles, n_full, IDX = _work_item(
-                item, QKEEP, KVCOUNT, KVINDEX, sym_strides, H, NQB, NKB, HAS_QKEEP, HAS_LISTS, HAS_KPM, EVEN_KV)
-            row0 = pid_m * (2 * WG_M) + HALF * WG_M
-            if keep == 0:
-                c_off, io_mask = _tile_offsets(off_b, off_h, row0, Nq, stride_cb, stride_ch, stride_cn, stride_cd,
-                                               o_layout, WG_M, HEAD_DIM)
-                c = gl.load(CACHE + c_off, mask=io_mask).to(gl.float32)
-                if CACHE_TERMS > 1:
-                    c = c + cache_c1 * gl.load(CACHE1 + c_off, mask=io_mask).to(gl.float32)
-                    if CACHE_TERMS > 2:
-                        c = c + cache_c2 * gl.load(CACHE2 + c_off, mask=io_mask).to(gl.float32)
-                _store_rows(O, LSE, c, gl.full([WG_M], float("-inf"), gl.float32, layout=row_o), off_b, off_h,
-                            row0, Nq, strides, o_layout, WG_M, HEAD_DIM)
-            else:
-                m_i = gl.full([WG_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-                l_i = gl.zeros([WG_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
-                acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, layout=o_layout)
-                if n_tiles > 0:
-                    qs = (qc % Q_SLOTS) * 2 + HALF
-                    mbarrier.wait(q_ready.index(qs), (qc // Q_SLOTS) & 1)
-                    q2 = q_smem.index(qs).reshape([WG_M, HEAD_DIM])
-                    s = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
-                    acc, m_i, l_i = _consume_tiles(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc,
-                                                   m_i, l_i, tc, IDX, stride_idx_j, n_tiles, n_full,
-                                                   KPM + off_b * stride_kpm_b, KVMASKED + off_b * NKB, stride_kpm_n,
-                                                   Nkv, qk_scale, s_layout, p_layout, row_o, BLOCK_N, HEAD_DIM,
-                                                   K_STAGES, V_STAGES, HAS_LISTS, HAS_KPM)
-                    mbarrier.arrive(q_empty.index(qs), count=1)   # every product on this Q has retired
-                l_o = gl.convert_layout(l_i, row_o)
-                m_o = gl.convert_layout(m_i, row_o)
-                inv_l = 1.0 / gl.where(l_o == 0.0, 1.0, l_o)
-                lse = gl.where(l_o == 0.0, float("-inf"), (m_o + gl.log2(gl.where(l_o == 0.0, 1.0, l_o))) * _LN2)
-                _store_rows(O, LSE, acc * gl.expand_dims(inv_l, 1), lse, off_b, off_h, row0, Nq, strides,
-                            o_layout, WG_M, HEAD_DIM)
-            busy = ((keep != 0) & (n_tiles > 0)).to(gl.int32)
-            tc += busy * n_tiles
-            qc += busy
+        row0 = pid_m * (2 * WG_M) + HALF * WG_M
+        if keep == 0:
+            c_off, io_mask = _tile_offsets(off_b, off_h, row0, Nq, stride_cb, stride_ch, stride_cn, stride_cd,
+                                           o_layout, WG_M, HEAD_DIM)
+            c = gl.load(CACHE + c_off, mask=io_mask).to(gl.float32)
+            if CACHE_TERMS > 1:
+                c = c + cache_c1 * gl.load(CACHE1 + c_off, mask=io_mask).to(gl.float32)
+                if CACHE_TERMS > 2:
+                    c = c + cache_c2 * gl.load(CACHE2 + c_off, mask=io_mask).to(gl.float32)
+            _store_rows(O, LSE, c, gl.full([WG_M], float("-inf"), gl.float32, layout=row_o), off_b, off_h,
+                        row0, Nq, strides, o_layout, WG_M, HEAD_DIM)
+        else:
+            m_i = gl.full([WG_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([WG_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+            acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, layout=o_layout)
+            if n_tiles > 0:
+                mbarrier.wait(q_bar.index(HALF), 0)
+                q2 = q_smem.index(HALF).reshape([WG_M, HEAD_DIM])
+                s = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
+                acc, m_i, l_i = _consume_tiles(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc, m_i,
+                                               l_i, IDX, stride_idx_j, n_tiles, n_full, KPM_b, KVMASKED_b,
+                                               stride_kpm_n, Nkv, qk_scale, s_layout, p_layout, row_o, BLOCK_N,
+                                               HEAD_DIM, K_STAGES, V_STAGES, HAS_LISTS, HAS_KPM)
+            l_o = gl.convert_layout(l_i, row_o)
+            m_o = gl.convert_layout(m_i, row_o)
+            inv_l = 1.0 / gl.where(l_o == 0.0, 1.0, l_o)
+            lse = gl.where(l_o == 0.0, float("-inf"), (m_o + gl.log2(gl.where(l_o == 0.0, 1.0, l_o))) * _LN2)
+            _store_rows(O, LSE, acc * gl.expand_dims(inv_l, 1), lse, off_b, off_h, row0, Nq, strides,
+                        o_layout, WG_M, HEAD_DIM)
 
     @gluon.jit
-    def _ws_loader(args, HEAD_DIM: gl.constexpr, HAS_QKEEP: gl.constexpr, HAS_LISTS: gl.constexpr,
-                   HAS_KPM: gl.constexpr, EVEN_KV: gl.constexpr, CACHE_TERMS: gl.constexpr,
-                   BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                   Q_SLOTS: gl.constexpr, HALF: gl.constexpr):
-        (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, QKEEP, KVCOUNT, KVINDEX, KVMASKED, KPM, strides,
-         sym_strides, H, Nq, Nkv, NQB, NKB, num_items, qk_scale, cache_c1, cache_c2, smem, bars) = args
+    def _ws_loader(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
+                   CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+                   V_STAGES: gl.constexpr, HALF: gl.constexpr):
+        (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, KVMASKED_b, IDX, strides, keep, n_tiles,
+         n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_idx_j = strides[11]
         q_smem, k_smem, v_smem = smem
-        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
+        q_bar, k_ready, k_empty, v_ready, v_empty = bars
         dtype: gl.constexpr = desc_k.dtype
         box: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
-        tc = 0
-        qc = 0
-        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            off_b, off_h, pid_m, keep, n_tiles, n_full, IDX = _work_item(
-                item, QKEEP, KVCOUNT, KVINDEX, sym_strides, H, NQB, NKB, HAS_QKEEP, HAS_LISTS, HAS_KPM, EVEN_KV)
-            b_h = off_b.to(gl.int32)
-            h_h = off_h.to(gl.int32)
-            if keep != 0:
-                if n_tiles > 0:
-                    for i in gl.static_range(2):
-                        qs = (qc % Q_SLOTS) * 2 + i
-                        mbarrier.wait(q_empty.index(qs), ((qc // Q_SLOTS) & 1) ^ 1)
-                        mbarrier.expect(q_ready.index(qs), box // 2)
-                        _tma_load(desc_q, [b_h, h_h, pid_m * 128 + i * 64, 0], q_ready.index(qs), q_smem.index(qs))
-                    for t in range(n_tiles):
-                        start = _tile_block(t, IDX, stride_idx_j, n_tiles, HAS_LISTS) * BLOCK_N
-                        ks = (tc + t) % K_STAGES
-                        mbarrier.wait(k_empty.index(ks), (((tc + t) // K_STAGES) & 1) ^ 1)
-                        mbarrier.expect(k_ready.index(ks), box)
-                        _tma_load(desc_k, [b_h, h_h, start, 0], k_ready.index(ks), k_smem.index(ks))
-                        vs = (tc + t) % V_STAGES
-                        mbarrier.wait(v_empty.index(vs), (((tc + t) // V_STAGES) & 1) ^ 1)
-                        mbarrier.expect(v_ready.index(vs), box)
-                        _tma_load(desc_v, [b_h, h_h, start, 0], v_ready.index(vs), v_smem.index(vs))
-            busy = ((keep != 0) & (n_tiles > 0)).to(gl.int32)
-            tc += busy * n_tiles
-            qc += busy
+        b_h = off_b.to(gl.int32)
+        h_h = off_h.to(gl.int32)
+        if keep != 0:
+            if n_tiles > 0:
+                for i in gl.static_range(2):
+                    mbarrier.expect(q_bar.index(i), box // 2)
+                    _tma_load(desc_q, [b_h, h_h, pid_m * 128 + i * 64, 0], q_bar.index(i), q_smem.index(i))
+                for t in range(n_tiles):
+                    start = _tile_block(t, IDX, stride_idx_j, n_tiles, HAS_LISTS) * BLOCK_N
+                    ks = t % K_STAGES
+                    mbarrier.wait(k_empty.index(ks), ((t // K_STAGES) & 1) ^ 1)
+                    mbarrier.expect(k_ready.index(ks), box)
+                    _tma_load(desc_k, [b_h, h_h, start, 0], k_ready.index(ks), k_smem.index(ks))
+                    vs = t % V_STAGES
+                    mbarrier.wait(v_empty.index(vs), ((t // V_STAGES) & 1) ^ 1)
+                    mbarrier.expect(v_ready.index(vs), box)
+                    _tma_load(desc_v, [b_h, h_h, start, 0], v_ready.index(vs), v_smem.index(vs))
 
     @gluon.jit
     def _sparse_attn_fwd_sm90(desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, QKEEP, KVCOUNT,
@@ -350,25 +290,26 @@ if AVAILABLE:
                                  stride_cnt_b, stride_cnt_h, stride_cnt_q,
                                  stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_j,
                                  stride_kpm_b, stride_kpm_n,
-                                 H, Nq, Nkv, NQB, NKB, num_items, qk_scale, cache_c1, cache_c2,
+                                 H, Nq, Nkv, NKB, qk_scale, cache_c1, cache_c2,
                                  HEAD_DIM: gl.constexpr, HAS_QKEEP: gl.constexpr, HAS_LISTS: gl.constexpr,
                                  HAS_KPM: gl.constexpr, EVEN_KV: gl.constexpr, CACHE_TERMS: gl.constexpr,
                                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, Q_SLOTS: gl.constexpr,
-                                 num_warps: gl.constexpr):
+                                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, num_warps: gl.constexpr):
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1).to(gl.int64)
+        off_b = pid_bh // H
+        off_h = pid_bh % H
         dtype: gl.constexpr = desc_k.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [2 * Q_SLOTS, 1, 1, 64, HEAD_DIM], desc_q.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, 64, HEAD_DIM], desc_q.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [2 * Q_SLOTS, 1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [2 * Q_SLOTS, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2 * Q_SLOTS):
-            mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(q_empty.index(i), count=1)     # a Q half has one consumer
+        for i in gl.static_range(2):
+            mbarrier.init(q_bar.index(i), count=1)
         for i in gl.static_range(K_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)     # one arrive per consumer warpgroup
@@ -376,31 +317,45 @@ if AVAILABLE:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         fence_async_shared()
+        if HAS_QKEEP:
+            keep = gl.load(QKEEP + off_b * stride_keep_b + off_h * stride_keep_h + pid_m * stride_keep_q)
+        else:
+            # Always true, but not a constant: with a constant, triton 3.6's lowering to LLVM fails an
+            # assertion on this kernel (SmallVector index, ConvertTritonGPUToLLVM); 3.9 takes either.
+            keep = (pid_m >= 0).to(gl.int32)
+        cnt_off = off_b * stride_cnt_b + off_h * stride_cnt_h + pid_m * stride_cnt_q
+        if HAS_LISTS:
+            n_tiles = gl.load(KVCOUNT + cnt_off)
+            IDX = KVINDEX + off_b * stride_idx_b + off_h * stride_idx_h + pid_m * stride_idx_q
+        else:
+            n_tiles = NKB
+            IDX = KVINDEX
+        n_full = n_tiles                # without a key padding mask: tiles [0, n_full) need no mask
+        if not HAS_KPM and not EVEN_KV:
+            if HAS_LISTS:
+                last = gl.load(IDX + gl.maximum(n_tiles - 1, 0) * stride_idx_j)
+                n_full = n_tiles - ((n_tiles > 0) & (last == NKB - 1)).to(gl.int32)
+            else:
+                n_full = NKB - 1
         strides = (stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
-                   stride_cb, stride_ch, stride_cn, stride_cd, stride_idx_j, stride_kpm_n, stride_kpm_b)
-        sym_strides = (stride_keep_b, stride_keep_h, stride_keep_q, stride_cnt_b, stride_cnt_h, stride_cnt_q,
-                       stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_j)
-        args = (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, QKEEP, KVCOUNT, KVINDEX, KVMASKED, KPM,
-                strides, sym_strides, H, Nq, Nkv, NQB, NKB, num_items, qk_scale, cache_c1, cache_c2,
-                (q_smem, k_smem, v_smem), (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty))
+                   stride_cb, stride_ch, stride_cn, stride_cd, stride_idx_j, stride_kpm_n)
+        args = (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM + off_b * stride_kpm_b,
+                KVMASKED + off_b * NKB, IDX, strides, keep, n_tiles, n_full, off_b, off_h, pid_m, Nq, Nkv,
+                qk_scale, cache_c1, cache_c2,
+                (q_smem, k_smem, v_smem), (q_bar, k_ready, k_empty, v_ready, v_empty))
         gl.warp_specialize([
-            (_ws_consumer, (args, HEAD_DIM, HAS_QKEEP, HAS_LISTS, HAS_KPM, EVEN_KV, CACHE_TERMS, BLOCK_N, K_STAGES,
-                            V_STAGES, Q_SLOTS, 0)),
-            (_ws_consumer, (args, HEAD_DIM, HAS_QKEEP, HAS_LISTS, HAS_KPM, EVEN_KV, CACHE_TERMS, BLOCK_N, K_STAGES,
-                            V_STAGES, Q_SLOTS, 1)),
-            (_ws_loader, (args, HEAD_DIM, HAS_QKEEP, HAS_LISTS, HAS_KPM, EVEN_KV, CACHE_TERMS, BLOCK_N, K_STAGES,
-                          V_STAGES, Q_SLOTS, 0)),
+            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
+            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 1)),
+            (_ws_loader, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
         ], [4, 1], [232, 40])
 
 def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, has_lists: bool, has_kpm: bool,
                           terms: int, scale: float, cache_delta: float, out, lse, launch, *,
-                          k_stages: int = K_STAGES, persistent: bool = False) -> None:
+                          k_stages: int = K_STAGES) -> None:
     """Launch the Gluon kernel into ``out``/``lse`` (allocated by the caller). ``operands`` (cache, its two
     Taylor terms, q_keep, kv_count, kv_index, the per-block mask flags ``attention.masked_kv_blocks``
     (contiguous ``[B, NKB]``, with a key padding mask), key padding mask; q stands in for an absent one)
-    and ``operand_strides`` are what the Triton launcher prepared, in the same order. ``persistent``: one
-    program per SM walking the work items, Q double-buffered (the next item's Q and first K/V tiles load
-    under this one's last tiles and stores); else one program per item."""
+    and ``operand_strides`` are what the Triton launcher prepared, in the same order."""
     B, H, Nq, D = q.shape
     Nkv = k.shape[2]
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -409,17 +364,15 @@ def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, h
     desc_q = GluonDescriptor.from_tensor(q, box_q, gl.NVMMASharedLayout.get_default_for(box_q, gdt))
     desc_k = GluonDescriptor.from_tensor(k, box_kv, gl.NVMMASharedLayout.get_default_for(box_kv, gdt))
     desc_v = GluonDescriptor.from_tensor(v, box_kv, gl.NVMMASharedLayout.get_default_for(box_kv, gdt))
-    nqb = (Nq + BLOCK_M - 1) // BLOCK_M
-    num_items = nqb * B * H
-    programs = min(num_items, num_sms(q.device) if q.is_cuda else 4) if persistent else num_items
+    grid = ((Nq + BLOCK_M - 1) // BLOCK_M, B * H)
     launch(
-        _sparse_attn_fwd_sm90, (programs,),
+        _sparse_attn_fwd_sm90, grid,
         desc_q, desc_k, desc_v, out, lse, *operands, *out.stride(), *lse.stride(), *operand_strides,
-        H, Nq, Nkv, nqb, (Nkv + BLOCK_N - 1) // BLOCK_N, num_items, float(scale) * _LOG2E,
+        H, Nq, Nkv, (Nkv + BLOCK_N - 1) // BLOCK_N, float(scale) * _LOG2E,
         float(cache_delta), float(cache_delta) ** 2 / 2.0,
         HEAD_DIM=D, HAS_QKEEP=has_qkeep, HAS_LISTS=has_lists, HAS_KPM=has_kpm, EVEN_KV=Nkv % BLOCK_N == 0,
         CACHE_TERMS=terms,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=V_STAGES, Q_SLOTS=2 if persistent else 1,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=V_STAGES,
         # 4 warps here (consumer 0) + 4 (consumer 1) + 1 loader warp (a warpgroup's worth of registers):
         # 168 a thread on average, which the partitions redistribute to 240 / 232 / 40 (setmaxnreg).
         num_warps=4, maxnreg=168,
