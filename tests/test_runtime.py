@@ -749,6 +749,43 @@ def test_small_projections_run_dense_and_give_the_same_result(monkeypatch):
     assert kinds == {"update", "dispatch"}
 
 
+def test_gemm_o_threshold_keeps_gemm_q_sparse_and_the_result(monkeypatch):
+    """``sparse_gemm_o_min_macs`` above both streams' O projections, ``sparse_gemm_min_macs`` 0: GEMM-Q
+    stays sparse at dispatch steps, GEMM-O never runs (nor its update-step cache projections), and
+    every step's output equals the run with every projection sparse."""
+    from flashomni_compile.runtime import cache as cache_mod
+
+    L = Layer.random()
+    N = 200
+    K = L.wq_img.shape[1]
+    s_all = make_site(SPARSE)
+    s_q = make_site(dict(SPARSE, sparse_gemm_o_min_macs=N * K * L.heads * L.head_dim + 1), name="blocks.2.attn")
+    calls = []
+    for name in ("sparse_linear_q_op", "sparse_linear_o_op"):
+        orig = getattr(engine, name)
+
+        def rec(*a, _orig=orig, _name=name):
+            calls.append(_name)
+            return _orig(*a)
+        monkeypatch.setattr(engine, name, rec)
+    orig_project = cache_mod.FeatureCache.project
+    monkeypatch.setattr(cache_mod.FeatureCache, "project",
+                        lambda self, *a, **kw: calls.append("project") or orig_project(self, *a, **kw))
+    kinds = set()
+    for step in range(STEPS):
+        x = inputs(step)
+        y_all = forward(s_all, L, x).y
+        calls.clear()
+        y_q = forward(s_q, L, x).y
+        kind = engine._state(s_q, L.anchor).current.kind
+        kinds.add(kind)
+        assert rel(y_q, y_all) < TOL64, f"step {step} ({kind})"
+        assert "sparse_linear_o_op" not in calls and "project" not in calls, f"step {step}: {calls}"
+        if kind == "dispatch":
+            assert "sparse_linear_q_op" in calls
+    assert kinds == {"update", "dispatch"}
+
+
 def test_density_history_stays_bounded_and_exact():
     """Many updates: the per-layer history is merged instead of growing, and the dispatch-weighted
     means are unchanged by the merge."""

@@ -208,11 +208,13 @@ def _start(st: LayerState, device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _sparse_gemm_pays(st: LayerState, x: Tensor, n: int) -> bool:
+def _sparse_gemm_pays(st: LayerState, x: Tensor, n: int, gemm_o: bool = False) -> bool:
     """Whether a projection of ``x [B, M, K]`` onto ``n`` head-sparse columns is big enough for the sparse
-    GEMM kernels (``RuntimeOptions.sparse_gemm_min_macs``); host ints only."""
+    GEMM kernels (``RuntimeOptions.sparse_gemm_min_macs``, or ``sparse_gemm_o_min_macs`` for GEMM-O when
+    set); host ints only."""
     B, M, K = x.shape
-    return B * M * K * n >= st.options.sparse_gemm_min_macs
+    floor = st.options.sparse_gemm_o_min_macs if gemm_o else None
+    return B * M * K * n >= (st.options.sparse_gemm_min_macs if floor is None else floor)
 
 
 def _projection_pass(st: LayerState, x: Tensor):
@@ -295,7 +297,7 @@ def linear_o(site: int, anchor: Tensor, a: Tensor, weight: Tensor, bias: Optiona
     p = st.current
     br = p.branch
     head_dim, sym = st.spec.head_dim, br.symbols
-    if not br.q_sparse or br.cache is None or not _sparse_gemm_pays(st, a, weight.shape[0]):
+    if not br.q_sparse or br.cache is None or not _sparse_gemm_pays(st, a, weight.shape[0], gemm_o=True):
         # dense: also right at dispatch steps, where ``a``'s cached rows hold the feature cache
         y = _dense_linear_o(a, weight, bias, extra, extra_weight)
     elif p.kind == UPDATE:
