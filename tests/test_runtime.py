@@ -175,8 +175,11 @@ def test_sparse_updates(order, padded):
                 sparse_steps.append(s)
             else:
                 assert torch.equal(tr.out, ref.out)
-            assert torch.equal(br.cache.terms[0], tr.out)
-            history.append((s, tr.out.clone()))
+            if s < STEPS - 1:
+                assert torch.equal(br.cache.terms[0], tr.out)
+                history.append((s, tr.out.clone()))
+            else:                        # the final step refreshes nothing (nothing reads it)
+                assert torch.equal(br.cache.terms[0], history[-1][1]) and br.last_update == history[-1][0]
             continue
         sym = br.symbols
         count, index = kv_block_lists(sym.kv_keep)
@@ -271,8 +274,11 @@ def test_single_stream_split_gemm_o_equals_reference(order):
         if kind == "update":
             assert torch.equal(y, torch.addmm(F.linear(a, L.wo_img, L.bo_img).view(-1, 128), mlp.view(-1, 96),
                                               mlp_w.t()).view(y.shape))
-            c0 = out_proj_cache_ref(a, L.wo_img, L.bo_img, sym.q_keep, 64, 0, 32)
-            assert rel(br.cache.out_terms[0][0], c0) < TOL64
+            if engine._feeds_dispatch(st, st.current):
+                c0 = out_proj_cache_ref(a, L.wo_img, L.bo_img, sym.q_keep, 64, 0, 32)
+                assert rel(br.cache.out_terms[0][0], c0) < TOL64
+            else:                    # no dispatch step follows: no projection, older terms invalid
+                assert not br.cache.has_out(0)
         else:
             c = br.cache.out_terms[0][0] if br.cache.active_order == 0 else br.cache.out_buf[0]
             want = sparse_linear_o_ref(a, L.wo_img, c, sym.q_keep, mlp, mlp_w, 64, 0, 32)
@@ -784,6 +790,64 @@ def test_gemm_o_threshold_keeps_gemm_q_sparse_and_the_result(monkeypatch):
         if kind == "dispatch":
             assert "sparse_linear_q_op" in calls
     assert kinds == {"update", "dispatch"}
+
+
+def test_updates_nothing_reads_skip_their_refresh_work(monkeypatch):
+    """Warm-up 2, interval 3, last step dense, over two generations: GEMM-O projects its terms (one call
+    per stream) only at the updates a dispatch step follows (2 and 5 of 10; not the warm-up steps 0-1 nor
+    step 8, each followed by an update); the final step 9 runs dense attention with no pooled scores,
+    policy or refresh and leaves the layer's state as step 8 left it (step 8 still refreshes: only the
+    ``last_dense`` steps skip it); every step's output is the dense projection of the attention output,
+    which is what GEMM-O computes."""
+    from flashomni_compile.runtime import cache as cache_mod
+
+    site = make_site(SPARSE)
+    L = Layer.random()
+    projected, scored = [], []
+    orig_project, orig_scores = cache_mod.FeatureCache.project, engine.pooled_scores
+    step = [None]
+    monkeypatch.setattr(cache_mod.FeatureCache, "project",
+                        lambda self, *a, **kw: projected.append(step[0]) or orig_project(self, *a, **kw))
+    monkeypatch.setattr(engine, "pooled_scores", lambda *a, **kw: scored.append(step[0]) or orig_scores(*a, **kw))
+    for gen in range(2):
+        for s in range(STEPS):
+            step[0] = s
+            x = inputs(s)
+            if s == STEPS - 1:
+                st, br = _state(site, L)
+                before = (br.last_update, br.symbols, br.cache.last_step, br.cache.terms[0].clone())
+            tr = forward(site, L, x)
+            assert rel(tr.y, dense_forward_o(L, tr.a, True)) < TOL64, f"generation {gen}, step {s}"
+            if s == STEPS - 1:
+                st, br = _state(site, L)
+                assert torch.equal(tr.out, dense_forward(L, x).out)
+                assert (br.last_update, br.symbols, br.cache.last_step) == before[:3]
+                assert torch.equal(br.cache.terms[0], before[3])
+    assert projected == [2, 2, 5, 5] * 2
+    assert scored == [0, 1, 2, 5, 8] * 2
+
+
+def test_dispatch_after_an_update_that_projected_nothing_stays_exact():
+    """Explicit steps that jump (0, 1, then 3): step 1 is followed by an update in the schedule, so it
+    projects no GEMM-O terms; the dispatch step 3 must then not read the terms a previous generation
+    left (they belong to another update) but project the attention output densely."""
+    site = make_site(SPARSE)
+    L = Layer.random()
+    try:
+        for s in range(STEPS):                       # generation 1: GEMM-O terms projected at 2 and 5
+            set_step(s, STEPS)
+            forward(site, L, inputs(s))
+        st, br = _state(site, L)
+        assert br.cache.out_terms, "the first generation should have left GEMM-O terms behind"
+        for s in (0, 1, 3):
+            set_step(s, STEPS)
+            tr = forward(site, L, inputs(s, seed=2))
+            assert rel(tr.y, dense_forward_o(L, tr.a, True)) < TOL64, f"step {s}"
+        st, br = _state(site, L)
+        assert st.current.kind == "dispatch" and (~br.symbols.q_keep).any()
+        assert not br.cache.has_out(0)
+    finally:
+        clear_step()
 
 
 def test_density_history_stays_bounded_and_exact():

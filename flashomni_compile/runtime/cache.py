@@ -81,6 +81,7 @@ class FeatureCache:
         self.extrap: Optional[Tensor] = None     # cache(t) for order > 0, allocated by the first ``at``
         self.out_terms: dict[int, list[Tensor]] = {}   # row_offset -> C0..C_order   [B, M, NO]
         self.out_buf: dict[int, Tensor] = {}           # row_offset -> C(t)        [B, M, NO]
+        self.out_step: dict[int, int] = {}             # row_offset -> the update step C0.. were projected at
         self.planned = False                     # the engine's memory plan has set the final order
         self.refreshed_step: Optional[int] = None   # step whose D1/D2 ``refresh`` formed (until its ``update``)
 
@@ -134,7 +135,7 @@ class FeatureCache:
         if not self._fits(out):
             self.terms = [_bnhd_empty(out) for _ in range(self.order + 1)]
             self.extrap = None
-            self.out_terms, self.out_buf = {}, {}
+            self.out_terms, self.out_buf, self.out_step = {}, {}, {}
             self.updates = 0
             refreshed = False
         if self.updates > 0 and self.order > 0 and not refreshed:
@@ -160,6 +161,20 @@ class FeatureCache:
         """
         k = self.active_order
         B, M = a.shape[:2]
+        old = self.reserve_out(row_offset, weight, a)
+        _out_proj_cache_into(old[0], a, weight, bias, q_keep, head_dim, row_offset, block_q)
+        for i in range(1, k + 1):
+            t = self.terms[i]
+            rows = t.transpose(1, 2).reshape(B, t.shape[2], -1)[:, row_offset:row_offset + M]
+            _out_proj_cache_into(old[i], rows, weight, None, q_keep, head_dim, row_offset, block_q)
+        self.out_step[row_offset] = self.last_step
+        return old[0]
+
+    def reserve_out(self, row_offset: int, weight: Tensor, a: Tensor) -> list[Tensor]:
+        """The GEMM-O term buffers ``C0..C_order`` (and ``C(t)``'s) of the call at ``row_offset``, allocated
+        if missing or of another shape. An update that projects nothing (no dispatch step follows it)
+        still reserves them, so the memory plan sees every layer's buffers from its first update on."""
+        B, M = a.shape[:2]
         shape = (B, M, weight.shape[0])
         old = self.out_terms.get(row_offset)
         if old is None or len(old) < self.order + 1 or old[0].shape != shape or old[0].dtype != a.dtype \
@@ -168,12 +183,7 @@ class FeatureCache:
             self.out_terms[row_offset] = old
             if self.order > 0:
                 self.out_buf[row_offset] = a.new_empty(shape)
-        _out_proj_cache_into(old[0], a, weight, bias, q_keep, head_dim, row_offset, block_q)
-        for i in range(1, k + 1):
-            t = self.terms[i]
-            rows = t.transpose(1, 2).reshape(B, t.shape[2], -1)[:, row_offset:row_offset + M]
-            _out_proj_cache_into(old[i], rows, weight, None, q_keep, head_dim, row_offset, block_q)
-        return old[0]
+        return old
 
     # -- dispatch step (no allocation, no sync) --------------------------------------------------------
     def dispatch_terms(self, step: int) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], float]:
@@ -190,7 +200,9 @@ class FeatureCache:
         return self._combine(self.terms, self.extrap, step)
 
     def has_out(self, row_offset: int) -> bool:
-        return row_offset in self.out_terms
+        """Whether the GEMM-O terms of this call are those of the update in force (an update that no
+        dispatch step follows skips the projection and leaves older terms behind)."""
+        return row_offset in self.out_terms and self.out_step.get(row_offset) == self.last_step
 
     def out_at(self, row_offset: int, step: int) -> Tensor:
         """``C(step)`` of the GEMM-O call at ``row_offset``, in its preallocated buffer."""

@@ -53,12 +53,12 @@ from ..kernels.attention import gluon_takes
 from ..kernels.ops import sparse_attention_op, sparse_linear_o_op, sparse_linear_q_op
 from ..symbols import SparseSymbols, validate_symbols
 from .cache import FeatureCache, order_within_cap
-from .controller import begin_pass
+from .controller import begin_pass, step_kind
 from .hooks import _HOOKS, apply_symbol_hooks, symbol_hooks
 from .options import RuntimeOptions, resolve_options
 from .policies import DensePolicy, PolicyContext, get_policy, pooled_scores
 from .spec import SiteSpec, get_site
-from .state import _STATES, DISPATCH, UPDATE, BranchState, LayerState, layer_state, reset_state
+from .state import _STATES, DISPATCH, UPDATE, BranchState, LayerState, Pass, layer_state, reset_state
 
 __all__ = ["attention", "linear_q", "linear_kv", "linear_o", "reset", "set_runtime_options",
            "runtime_options_override"]
@@ -217,6 +217,22 @@ def _sparse_gemm_pays(st: LayerState, x: Tensor, n: int, gemm_o: bool = False) -
     return B * M * K * n >= (st.options.sparse_gemm_min_macs if floor is None else floor)
 
 
+def _final_update(st: LayerState, p: Pass) -> bool:
+    """Whether ``p`` is one of the ``last_dense`` steps of a known total: every later step of the
+    generation is a dense update and the next generation starts afresh, so nothing reads what a
+    refresh would make there (symbols, feature cache, GEMM-O terms): the step runs dense only."""
+    return p.kind == UPDATE and p.total is not None and p.step >= p.total - st.options.last_dense
+
+
+def _feeds_dispatch(st: LayerState, p: Pass) -> bool:
+    """Whether the step after update ``p`` is a dispatch step, the only reader of GEMM-O's ``C0..Ck``
+    (the warm-up updates before the first scheduled one do not project them)."""
+    nxt = p.step + 1
+    if p.total is not None and nxt >= p.total:
+        return False
+    return step_kind(nxt, p.total, st.options) == DISPATCH
+
+
 def _projection_pass(st: LayerState, x: Tensor):
     """The pass a projection call (``linear_q`` / ``linear_kv``) belongs to: the first projection after the
     layer's previous ``attention`` begins it, the others (and ``attention``) join it."""
@@ -277,7 +293,10 @@ def attention(site: int, anchor: Tensor, q: Tensor, k: Tensor, v: Tensor,
     if st.attn_done:       # no linear_q / linear_kv in this site (none fused): the pass begins here
         begin_pass(st, (q.shape[0], q.dtype, q.device))
     p = st.current
-    if p.kind == UPDATE:
+    if _final_update(st, p):
+        out = _dense_attention(q, k, v, key_padding_mask, scale)
+        _stat(st, "count_update", False)
+    elif p.kind == UPDATE:
         out, sparse = _attention_update(st, p.branch, p.step, p.total, q, k, v, key_padding_mask, scale)
         _stat(st, "count_update", sparse)
     else:
@@ -300,6 +319,12 @@ def linear_o(site: int, anchor: Tensor, a: Tensor, weight: Tensor, bias: Optiona
     if not br.q_sparse or br.cache is None or not _sparse_gemm_pays(st, a, weight.shape[0], gemm_o=True):
         # dense: also right at dispatch steps, where ``a``'s cached rows hold the feature cache
         y = _dense_linear_o(a, weight, bias, extra, extra_weight)
+    elif p.kind == UPDATE and not _feeds_dispatch(st, p):
+        # the next step updates again: nobody reads C0..Ck, so no projection (``has_out`` is False until
+        # an update projects them); the buffers are reserved all the same, for the memory plan
+        br.cache.reserve_out(row_offset, weight, a)
+        y = _dense_linear_o(a, weight, bias, extra, extra_weight)
+        st.stats.cache_bytes = _cache_bytes(st)
     elif p.kind == UPDATE:
         # C0 over the cached heads (+ bias), C1.. for the Taylor terms, written into the cache's buffers.
         c0 = br.cache.project(row_offset, weight, bias, sym.q_keep, a, head_dim, sym.block_q)

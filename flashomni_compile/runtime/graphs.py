@@ -70,7 +70,8 @@ def _decision(st: LayerState) -> tuple:
     """Everything of ``st`` that the engine's host logic branches on, plus its buffers' addresses."""
     brs = tuple((b.signature, b.symbols is None, b.last_update, b.q_sparse, b.kv_sparse,
                  None if b.cache is None else (b.cache.order, b.cache.planned, b.cache.updates, b.cache.last_step,
-                                               tuple(sorted(b.cache.out_terms))))
+                                               tuple(sorted(b.cache.out_terms)), tuple(sorted(r for r in b.cache.out_terms
+                                                                             if b.cache.has_out(r)))))
                 for b in st.branches)
     return (st.attn_done, st.counted_step, st.explicit_step, st.branch_index, brs, _ptrs(st))
 
@@ -83,7 +84,7 @@ def _save(st: LayerState) -> tuple:
     for b in st.branches:
         c = b.cache
         cs = None if c is None else (c, c.order, list(c.terms), c.updates, c.last_step, c.extrap,
-                                     {k: list(v) for k, v in c.out_terms.items()}, dict(c.out_buf))
+                                     {k: list(v) for k, v in c.out_terms.items()}, dict(c.out_buf), dict(c.out_step))
         brs.append((b, b.signature, b.symbols, b.kv_count, b.kv_index, b.kv_need, b.last_update, b.q_sparse,
                     b.kv_sparse, None if b.symbols is None else getattr(b.symbols, "_lists", None), cs))
     return (st.attn_done, st.counted_step, st.explicit_step, st.branch_index, cur, brs,
@@ -102,10 +103,11 @@ def _load(st: LayerState, saved: tuple) -> None:
         b.cache = None if cs is None else cs[0]
         if cs is not None:
             c = cs[0]
-            (_, c.order, terms, c.updates, c.last_step, c.extrap, out_terms, out_buf) = cs
+            (_, c.order, terms, c.updates, c.last_step, c.extrap, out_terms, out_buf, out_step) = cs
             c.terms = list(terms)
             c.out_terms = {k: list(v) for k, v in out_terms.items()}
             c.out_buf = dict(out_buf)
+            c.out_step = dict(out_step)
 
 
 def _global_key() -> tuple:
