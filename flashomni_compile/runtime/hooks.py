@@ -57,7 +57,8 @@ class HookHandle:
 
 
 def register_symbol_hook(fn: SymbolHook) -> HookHandle:
-    """Call ``fn(spec, step, scores, symbols)`` at every update step of every site (see module docstring)."""
+    """Call ``fn(spec, step, scores, symbols)`` at every update step of every site but the ``last_dense``
+    ones, which form no symbols (see module docstring)."""
     if not callable(fn):
         raise ValueError(f"a symbol hook must be callable fn(spec, step, scores, symbols), got {type(fn).__name__}")
     _HOOKS.append(fn)

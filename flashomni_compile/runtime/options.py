@@ -69,7 +69,7 @@ class RuntimeOptions:
             order-1 cache per layer beside 26 GB of weights) keeps order 0 everywhere and order 1 where it
             fits instead of running out of memory. None: no check.
         symbol_hook: ``fn(spec, step, scores, symbols) -> SparseSymbols | None`` called at update steps
-            after the policy (see ``hooks.py``).
+            (not the ``last_dense`` ones) after the policy (see ``hooks.py``).
         site_overrides: ``{pattern: {option: value}}``; ``pattern`` is matched (fnmatch) against the
             site name, e.g. ``{"single_transformer_blocks.*": {"policy": "dense"}}``. The first
             matching pattern wins; any option but ``site_overrides``/``block_q``/``block_kv`` may be set.
