@@ -168,14 +168,18 @@ def test_repeated_blocks_get_one_anchor_per_layer(monkeypatch):
 def test_site_ops_opcheck():
     from torch.library import opcheck
 
+    from _runtime_util import make_site
+
+    # its own site (index), not whatever an earlier test left registered
+    site = make_site(None, heads=2, head_dim=16, seq=8, text_len=0, name="opcheck.attn")
     q = torch.randn(1, 2, 8, 16)
     kpm = torch.ones(1, 8, dtype=torch.bool)
-    opcheck(torch.ops.flashomni.site_attention.default, (q, q, q, kpm, 0, q, 0.25))
+    opcheck(torch.ops.flashomni.site_attention.default, (q, q, q, kpm, site, q, 0.25))
     x, w = torch.randn(1, 8, 32), torch.randn(48, 32)
-    opcheck(torch.ops.flashomni.site_linear_q.default, (x, w, None, 0, w, 0, 32))
-    opcheck(torch.ops.flashomni.site_linear_kv.default, (x, w, torch.randn(48), 0, w, 0))
-    opcheck(torch.ops.flashomni.site_linear_o.default, (x, w, torch.randn(48), x, torch.randn(48, 32), 0, w, 0))
-    out = torch.ops.flashomni.site_attention.default(q, q, q, None, 0, q, 0.25)
+    opcheck(torch.ops.flashomni.site_linear_q.default, (x, w, None, site, w, 0, 32))
+    opcheck(torch.ops.flashomni.site_linear_kv.default, (x, w, torch.randn(48), site, w, 0))
+    opcheck(torch.ops.flashomni.site_linear_o.default, (x, w, torch.randn(48), x, torch.randn(48, 32), site, w, 0))
+    out = torch.ops.flashomni.site_attention.default(q, q, q, None, site, q, 0.25)
     assert out.transpose(1, 2).is_contiguous(), "memory order [B, Nq, H, D]"
 
 
@@ -259,7 +263,7 @@ def _denoise(model, kw, steps, **options):
     flashomni_compile.reset_runtime()
     opts = dict(inner_backend="aot_eager", policy="flashomni", block_q=16, block_kv=16, warmup=1, interval=3,
                 last_dense=1, total_steps=steps, taylor_order=1, sparse_gemm_min_macs=0,
-                symbol_hook=_whole_head_and_diagonal, **options)
+                sparse_gemm_o_min_macs=None, symbol_hook=_whole_head_and_diagonal, **options)
     compiled = torch.compile(model, backend="flashomni", fullgraph=True, options=opts)
     gates, orig = [], engine.sparse_linear_q_op
 

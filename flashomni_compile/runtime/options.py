@@ -86,7 +86,10 @@ class RuntimeOptions:
             value of ``sparse_gemm_min_macs``). GEMM-O pays for its dispatch-step savings at the update
             step, which projects the cached heads once per Taylor term (``C0..Ck``) beside the output;
             a projection under this size runs dense at every step, reading the cached rows the attention
-            kernel wrote (the same result).
+            kernel wrote (the same result). Default ``2**36`` (~69 GMAC), between the two sizes measured
+            end to end on the H200 (benchmarks/NOTES.md, session 9): Flux's 4608 x 3072 -> 3072 (43 GMAC)
+            ran 1.6% faster end to end with GEMM-O dense, HunyuanVideo's 33280 x 3072 -> 3072 (314 GMAC)
+            gains from it at dispatch steps.
     """
 
     policy: Any = DEFAULT_POLICY
@@ -105,7 +108,7 @@ class RuntimeOptions:
     site_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     timing: bool = False
     sparse_gemm_min_macs: int = 2**34
-    sparse_gemm_o_min_macs: Optional[int] = None
+    sparse_gemm_o_min_macs: Optional[int] = 2**36
 
     def __post_init__(self) -> None:
         from .policies import get_policy, policy_names
