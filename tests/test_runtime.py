@@ -721,6 +721,28 @@ def test_dispatch_through_triton_kernels(monkeypatch):
     assert n_dispatch == 3
 
 
+def _record_sparse_gemms(monkeypatch, calls):
+    """Append ``(op name, rows of its input)`` to ``calls`` for every sparse GEMM-Q / GEMM-O op call."""
+    for name in ("sparse_linear_q_op", "sparse_linear_o_op"):
+        orig = getattr(engine, name)
+
+        def rec(*a, _orig=orig, _name=name):
+            calls.append((_name, a[0].shape[1]))      # rows of x / a: which stream
+            return _orig(*a)
+        monkeypatch.setattr(engine, name, rec)
+
+
+def _steps_beside(s_ref, s_test, L, calls):
+    """Run ``STEPS`` steps of both sites on the same inputs; yield ``(step, kind, y_ref, y_test)`` with
+    ``calls`` cleared before the tested site's pass (so it holds that pass's calls)."""
+    for step in range(STEPS):
+        x = inputs(step)
+        y_ref = forward(s_ref, L, x).y
+        calls.clear()
+        y = forward(s_test, L, x).y
+        yield step, engine._state(s_test, L.anchor).current.kind, y_ref, y
+
+
 def test_small_projections_run_dense_and_give_the_same_result(monkeypatch):
     """``sparse_gemm_min_macs`` between the two streams' sizes: the text stream's Q and O projections run
     dense (cuBLAS), the image stream's run the sparse kernels; every step's output equals the run with
@@ -733,20 +755,9 @@ def test_small_projections_run_dense_and_give_the_same_result(monkeypatch):
     s_all = make_site(SPARSE)
     s_mix = make_site(dict(SPARSE, sparse_gemm_min_macs=(text_macs + img_macs) // 2), name="blocks.1.attn")
     calls = []
-    for name in ("sparse_linear_q_op", "sparse_linear_o_op"):
-        orig = getattr(engine, name)
-
-        def rec(*a, _orig=orig, _name=name):
-            calls.append((_name, a[0].shape[1]))      # rows of x / a: which stream
-            return _orig(*a)
-        monkeypatch.setattr(engine, name, rec)
+    _record_sparse_gemms(monkeypatch, calls)
     kinds = set()
-    for step in range(STEPS):
-        x = inputs(step)
-        y_all = forward(s_all, L, x).y
-        calls.clear()
-        y_mix = forward(s_mix, L, x).y
-        kind = engine._state(s_mix, L.anchor).current.kind
+    for step, kind, y_all, y_mix in _steps_beside(s_all, s_mix, L, calls):
         kinds.add(kind)
         assert rel(y_mix, y_all) < TOL64, f"step {step} ({kind})"
         if kind == "dispatch":
@@ -767,28 +778,18 @@ def test_gemm_o_threshold_keeps_gemm_q_sparse_and_the_result(monkeypatch):
     s_all = make_site(SPARSE)
     s_q = make_site(dict(SPARSE, sparse_gemm_o_min_macs=N * K * L.heads * L.head_dim + 1), name="blocks.2.attn")
     calls = []
-    for name in ("sparse_linear_q_op", "sparse_linear_o_op"):
-        orig = getattr(engine, name)
-
-        def rec(*a, _orig=orig, _name=name):
-            calls.append(_name)
-            return _orig(*a)
-        monkeypatch.setattr(engine, name, rec)
+    _record_sparse_gemms(monkeypatch, calls)
     orig_project = cache_mod.FeatureCache.project
     monkeypatch.setattr(cache_mod.FeatureCache, "project",
-                        lambda self, *a, **kw: calls.append("project") or orig_project(self, *a, **kw))
+                        lambda self, *a, **kw: calls.append(("project", 0)) or orig_project(self, *a, **kw))
     kinds = set()
-    for step in range(STEPS):
-        x = inputs(step)
-        y_all = forward(s_all, L, x).y
-        calls.clear()
-        y_q = forward(s_q, L, x).y
-        kind = engine._state(s_q, L.anchor).current.kind
+    for step, kind, y_all, y_q in _steps_beside(s_all, s_q, L, calls):
         kinds.add(kind)
         assert rel(y_q, y_all) < TOL64, f"step {step} ({kind})"
-        assert "sparse_linear_o_op" not in calls and "project" not in calls, f"step {step}: {calls}"
+        names = [n for n, _ in calls]
+        assert "sparse_linear_o_op" not in names and "project" not in names, f"step {step}: {calls}"
         if kind == "dispatch":
-            assert "sparse_linear_q_op" in calls
+            assert "sparse_linear_q_op" in names
     assert kinds == {"update", "dispatch"}
 
 
