@@ -40,7 +40,7 @@ def make_site(options, *, heads=2, head_dim=64, seq=200, text_len=40, text_first
               name="blocks.0.attn", pieces=("gemm_q", "gemm_kv", "attention", "gemm_o")) -> int:
     if isinstance(options, dict):
         # these layers are tiny: send every projection through the sparse GEMMs unless a test says otherwise
-        options = RuntimeOptions.from_dict({"sparse_gemm_min_macs": 0, "sparse_gemm_o_min_macs": None, **options})
+        options = RuntimeOptions.from_dict({"sparse_gemm_min_macs": 0, "sparse_gemm_o_min_macs": 0, **options})
     spec = SiteSpec(name=name, kind="joint" if text_len else "self", heads=heads, head_dim=head_dim, seq_q=seq,
                     seq_kv=seq, text_len=text_len, text_first=text_first, grid=grid, pieces=pieces,
                     options=options)

@@ -263,7 +263,7 @@ def _denoise(model, kw, steps, **options):
     flashomni_compile.reset_runtime()
     opts = dict(inner_backend="aot_eager", policy="flashomni", block_q=16, block_kv=16, warmup=1, interval=3,
                 last_dense=1, total_steps=steps, taylor_order=1, sparse_gemm_min_macs=0,
-                sparse_gemm_o_min_macs=None, symbol_hook=_whole_head_and_diagonal, **options)
+                sparse_gemm_o_min_macs=0, symbol_hook=_whole_head_and_diagonal, **options)
     compiled = torch.compile(model, backend="flashomni", fullgraph=True, options=opts)
     gates, orig = [], engine.sparse_linear_q_op
 

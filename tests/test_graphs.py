@@ -28,8 +28,8 @@ pytest.importorskip("diffusers")
 
 STEPS = 6
 # 16-token blocks on 64 image + 6 text tokens: 5 q-blocks, so that caching and skipping really happen
-SPARSE = {"total_steps": STEPS, "warmup": 1, "interval": 2, "sparse_gemm_min_macs": 0, "sparse_gemm_o_min_macs": None, "block_q": 16,
-          "block_kv": 16, "policy_args": {"tau_kv": 0.5, "cache_fraction": 0.5, "layer_threshold": 0.0}}
+SPARSE = {"total_steps": STEPS, "warmup": 1, "interval": 2, "sparse_gemm_min_macs": 0, "sparse_gemm_o_min_macs": 0,
+          "block_q": 16, "block_kv": 16, "policy_args": {"tau_kv": 0.5, "cache_fraction": 0.5, "layer_threshold": 0.0}}
 
 
 def _flux():

@@ -46,7 +46,7 @@ def test_defaults_and_from_dict():
     ({"timing": "yes"}, r"'timing' must be True or False"),
     ({"sparse_updates": 1}, r"'sparse_updates' must be True or False, got 1"),
     ({"sparse_gemm_min_macs": -1}, r"'sparse_gemm_min_macs'=-1 is not valid; need an int >= 0"),
-    ({"sparse_gemm_o_min_macs": 1.5}, r"'sparse_gemm_o_min_macs'=1.5 is not valid; need an int >= 0 or None"),
+    ({"sparse_gemm_o_min_macs": 1.5}, r"'sparse_gemm_o_min_macs'=1.5 is not valid; need an int >= 0"),
     ({"site_overrides": {"a.*": {"block_q": 64}}}, r"sets 'block_q', which a site override cannot set; valid: policy,"),
     ({"site_overrides": {"a.*": {"interval": 0}}}, r"'interval'=0 is not valid"),
 ])

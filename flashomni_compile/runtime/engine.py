@@ -210,11 +210,13 @@ def _start(st: LayerState, device: torch.device) -> float:
 
 def _sparse_gemm_pays(st: LayerState, x: Tensor, n: int, gemm_o: bool = False) -> bool:
     """Whether a projection of ``x [B, M, K]`` onto ``n`` head-sparse columns is big enough for the sparse
-    GEMM kernels (``RuntimeOptions.sparse_gemm_min_macs``, or ``sparse_gemm_o_min_macs`` for GEMM-O when
-    set); host ints only."""
+    GEMM kernels: ``RuntimeOptions.sparse_gemm_min_macs`` multiply-adds, and for GEMM-O also
+    ``sparse_gemm_o_min_macs``; host ints only."""
     B, M, K = x.shape
-    floor = st.options.sparse_gemm_o_min_macs if gemm_o else None
-    return B * M * K * n >= (st.options.sparse_gemm_min_macs if floor is None else floor)
+    floor = st.options.sparse_gemm_min_macs
+    if gemm_o:
+        floor = max(floor, st.options.sparse_gemm_o_min_macs)
+    return B * M * K * n >= floor
 
 
 def _final_update(st: LayerState, p: Pass) -> bool:

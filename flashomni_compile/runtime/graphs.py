@@ -66,12 +66,17 @@ def _ptrs(st: LayerState) -> tuple:
     return tuple(t.data_ptr() for t in st.tensors())
 
 
+def _cache_decision(c) -> tuple:
+    """What of a feature cache the engine branches on: order and plan, history, which GEMM-O calls have
+    buffers (a projection into a missing one allocates) and which hold the update in force's terms."""
+    return (c.order, c.planned, c.updates, c.last_step, tuple(sorted(c.out_terms)),
+            tuple(sorted(r for r in c.out_terms if c.has_out(r))))
+
+
 def _decision(st: LayerState) -> tuple:
     """Everything of ``st`` that the engine's host logic branches on, plus its buffers' addresses."""
     brs = tuple((b.signature, b.symbols is None, b.last_update, b.q_sparse, b.kv_sparse,
-                 None if b.cache is None else (b.cache.order, b.cache.planned, b.cache.updates, b.cache.last_step,
-                                               tuple(sorted(b.cache.out_terms)), tuple(sorted(r for r in b.cache.out_terms
-                                                                             if b.cache.has_out(r)))))
+                 None if b.cache is None else _cache_decision(b.cache))
                 for b in st.branches)
     return (st.attn_done, st.counted_step, st.explicit_step, st.branch_index, brs, _ptrs(st))
 

@@ -82,11 +82,11 @@ class RuntimeOptions:
             ``2**34`` (~17 GMAC, ~50 us of H100 tensor-core time): below it the skipped work saves less
             than a Triton launch costs on the host (100-400 us measured on the H100 machine, vs ~30 us
             for cuBLAS). 0 sends every projection through the sparse kernels.
-        sparse_gemm_o_min_macs: the same threshold for the reduction-sparse GEMM-O alone (None: the
-            value of ``sparse_gemm_min_macs``). GEMM-O pays for its dispatch-step savings at the update
-            step, which projects the cached heads once per Taylor term (``C0..Ck``) beside the output;
-            a projection under this size runs dense at every step, reading the cached rows the attention
-            kernel wrote (the same result). Default ``2**36`` (~69 GMAC), between the two sizes measured
+        sparse_gemm_o_min_macs: a second floor for the reduction-sparse GEMM-O alone, which runs only at
+            or above both (0: ``sparse_gemm_min_macs`` decides). GEMM-O pays for its dispatch-step savings
+            at the update step, which projects the cached heads once per Taylor term (``C0..Ck``) beside
+            the output; a projection under this size runs dense at every step, reading the cached rows the
+            attention kernel wrote (the same result). Default ``2**36`` (~69 GMAC), between the two sizes measured
             end to end on the H200 (benchmarks/NOTES.md, session 9): Flux's 4608 x 3072 -> 3072 (43 GMAC)
             ran 1.6% faster end to end with GEMM-O dense, HunyuanVideo's 33280 x 3072 -> 3072 (314 GMAC)
             gains from it at dispatch steps.
@@ -108,7 +108,7 @@ class RuntimeOptions:
     site_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     timing: bool = False
     sparse_gemm_min_macs: int = 2**34
-    sparse_gemm_o_min_macs: Optional[int] = 2**36
+    sparse_gemm_o_min_macs: int = 2**36
 
     def __post_init__(self) -> None:
         from .policies import get_policy, policy_names
@@ -152,7 +152,7 @@ class RuntimeOptions:
             raise ValueError(f"flashomni option 'symbol_hook' must be callable "
                              f"fn(spec, step, scores, symbols), got {type(self.symbol_hook).__name__}")
         _int_option("sparse_gemm_min_macs", self.sparse_gemm_min_macs, 0)
-        _int_option("sparse_gemm_o_min_macs", self.sparse_gemm_o_min_macs, 0, allow_none=True)
+        _int_option("sparse_gemm_o_min_macs", self.sparse_gemm_o_min_macs, 0)
         if not isinstance(self.timing, bool):
             raise ValueError(f"flashomni option 'timing' must be True or False, got {self.timing!r}")
         if not isinstance(self.site_overrides, Mapping):
