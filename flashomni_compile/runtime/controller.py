@@ -25,7 +25,8 @@ from typing import Any, Optional
 from .options import RuntimeOptions
 from .state import DISPATCH, UPDATE, LayerState, Pass
 
-__all__ = ["set_step", "clear_step", "current_step", "step_kind", "StepCallback", "step_callback", "begin_pass"]
+__all__ = ["set_step", "clear_step", "current_step", "step_kind", "in_last_dense", "StepCallback", "step_callback",
+           "begin_pass"]
 
 _EXPLICIT: Optional[tuple[int, Optional[int]]] = None
 
@@ -53,11 +54,14 @@ def current_step() -> Optional[tuple[int, Optional[int]]]:
     return _EXPLICIT
 
 
+def in_last_dense(step: int, total: Optional[int], opts: RuntimeOptions) -> bool:
+    """Whether ``step`` is one of the ``last_dense`` last steps of a known ``total``."""
+    return total is not None and step >= total - opts.last_dense
+
+
 def step_kind(step: int, total: Optional[int], opts: RuntimeOptions) -> str:
     """``"update"`` or ``"dispatch"`` for ``step`` under ``opts``' schedule (pure host logic)."""
-    if step < opts.warmup:
-        return UPDATE
-    if total is not None and step >= total - opts.last_dense:
+    if step < opts.warmup or in_last_dense(step, total, opts):
         return UPDATE
     return UPDATE if (step - opts.warmup) % opts.interval == 0 else DISPATCH
 

@@ -53,7 +53,7 @@ from ..kernels.attention import gluon_takes
 from ..kernels.ops import sparse_attention_op, sparse_linear_o_op, sparse_linear_q_op
 from ..symbols import SparseSymbols, validate_symbols
 from .cache import FeatureCache, order_within_cap
-from .controller import begin_pass, step_kind
+from .controller import begin_pass, in_last_dense, step_kind
 from .hooks import _HOOKS, apply_symbol_hooks, symbol_hooks
 from .options import RuntimeOptions, resolve_options
 from .policies import DensePolicy, PolicyContext, get_policy, pooled_scores
@@ -223,7 +223,7 @@ def _final_update(st: LayerState, p: Pass) -> bool:
     """Whether ``p`` is one of the ``last_dense`` steps of a known total: every later step of the
     generation is a dense update and the next generation starts afresh, so nothing reads what a
     refresh would make there (symbols, feature cache, GEMM-O terms): the step runs dense only."""
-    return p.kind == UPDATE and p.total is not None and p.step >= p.total - st.options.last_dense
+    return p.kind == UPDATE and in_last_dense(p.step, p.total, st.options)
 
 
 def _feeds_dispatch(st: LayerState, p: Pass) -> bool:
@@ -398,7 +398,7 @@ def _sparse_update(st: LayerState, br: BranchState, step: int, total: Optional[i
     opts = st.options
     if not opts.sparse_updates or not br.kv_sparse or br.symbols is None or br.last_update is None:
         return False
-    return step >= opts.warmup and (total is None or step < total - opts.last_dense)
+    return step >= opts.warmup and not in_last_dense(step, total, opts)
 
 
 def _attention_update(st: LayerState, br: BranchState, step: int, total: Optional[int], q: Tensor, k: Tensor,
