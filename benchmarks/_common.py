@@ -86,6 +86,61 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 300) -
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graph_ms(fn, n: int = 10, reps: int = 5) -> float:
+    """Median device milliseconds of ``fn()`` from CUDA-graph replays, L2 flushed before each call.
+
+    One graph holds ``n x (flush; fn)``, another ``n x flush``; the difference over ``n`` is fn's time.
+    Graphs take the host out: our launchers cost tens of microseconds of Python each (``host_us``),
+    as much as a short kernel (GEMMs at M = 4608, attention at N = 4608 and low density), which eager
+    timing would report instead. Step graphs (``cuda_graphs=True``) run the kernels this way."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+
+    def capture(with_fn: bool):
+        def body():
+            for _ in range(n):
+                flush.zero_()
+                if with_fn:
+                    fn()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            body()
+        return g
+
+    def replay_ms(g) -> float:
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    g1, g0 = capture(True), capture(False)
+    t = (replay_ms(g1) - replay_ms(g0)) / n
+    del g1, g0, flush
+    return t
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Host microseconds per call (enqueue only: the device runs behind)."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64; ``inf`` if ``out`` holds NaN/inf."""
     out64, ref64 = out.double(), ref.double()

@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py                  # the issue's grid -> benchmarks/results/attention_h100.json
     python benchmarks/bench_attention.py --quick          # N=16384 only, fewer densities
     python benchmarks/bench_attention.py --variants       # kernel launch variants (tuning), no baselines
+    python benchmarks/bench_attention.py --graphs         # also graph_ms: device time from CUDA-graph replays
 
 Problem: bf16, B=1, H=24, D=128, q/k/v as ``[B, H, N, D]`` views of ``[B, N, H, D]`` memory (how
 diffusers hands them over). Symbols: every row of q-blocks keeps exactly ``round(d * NKB)`` kv-blocks,
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if not torch.cuda.is_available():  # CPU smoke run of this script: our kernel under the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from _common import bench_ms, format_table, header, rel_err, tflops, write_results  # noqa: E402
+from _common import bench_ms, format_table, graph_ms, header, rel_err, tflops, write_results  # noqa: E402
 
 from flashomni_compile.kernels import attention  # noqa: E402
 from flashomni_compile.kernels.attention import KernelConfig, sparse_attention_triton  # noqa: E402
@@ -43,6 +44,7 @@ from flashomni_compile.symbols import dense_equivalent_flops, kv_block_lists, nu
 
 BLOCK = 128
 TOL = 2e-2  # bf16 operands (conftest.REL_TOL[bfloat16])
+GRAPHS = False  # --graphs: also time every impl from CUDA-graph replays (graph_ms: device time, no host)
 
 # Launch variants compared by --variants (name -> config; None = the launch table's choice).
 VARIANTS = {
@@ -196,7 +198,8 @@ def poisoned_first_call(fn):
 # driver
 # ---------------------------------------------------------------------------------------------------
 def run_case(impl, make_fn, N, kv_density, q_density, frac, ref, flops_dense, poison=False):
-    rec = dict(impl=impl, N=N, kv_density=kv_density, q_density=q_density, computed_fraction=round(frac, 4))
+    rec = dict(impl=impl, N=N, kv_density=kv_density, q_density=q_density, computed_fraction=round(frac, 4),
+               flops_dense=flops_dense)
     try:
         fn = make_fn()
         out = poisoned_first_call(fn) if poison else fn()
@@ -213,6 +216,11 @@ def run_case(impl, make_fn, N, kv_density, q_density, frac, ref, flops_dense, po
         return rec
     ms = bench_ms(fn)
     rec.update(status="ok", ms=ms, tflops=tflops(flops_dense, ms), tflops_computed=tflops(flops_dense * frac, ms))
+    if GRAPHS:
+        try:
+            rec["graph_ms"] = graph_ms(fn)
+        except Exception as e:  # an impl that cannot be captured keeps its eager time
+            rec["graph_ms"], rec["graph_status"] = None, f"ERROR {type(e).__name__}: {str(e)[:120]}"
     return rec
 
 
@@ -223,11 +231,15 @@ def main(argv=None):
     ap.add_argument("--n", type=str, default=None, help="comma-separated sequence lengths")
     ap.add_argument("--only", type=str, default=None, help="with --variants: comma-separated variant names")
     ap.add_argument("--kv", type=str, default=None, help="comma-separated kv densities (default: the grid's)")
+    ap.add_argument("--graphs", action="store_true", help="also record graph_ms: device time from CUDA-graph "
+                    "replays, L2 flushed (what step graphs run; eager ms includes the launchers' host time)")
     ap.add_argument("--heads", type=int, default=24)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--out", type=str, default=None, help="JSON path (default: results/attention_h100.json, "
                     "or attention_variants.json with --variants)")
     args = ap.parse_args(argv)
+    global GRAPHS
+    GRAPHS = args.graphs and torch.cuda.is_available()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     B, H, D = 1, args.heads, args.head_dim
@@ -291,12 +303,15 @@ def main(argv=None):
     paths = write_results(out, head, records)
     print(f"wrote {', '.join(map(str, paths))}")
     print(summary(records, variants=args.variants))
+    if GRAPHS:
+        print("\nthe same from CUDA-graph replays (graph_ms):")
+        print(summary(records, variants=args.variants, key="graph_ms"))
 
 
-def summary(records, variants=False):
-    """The short table: per case, ms per impl, our ratios and the targets."""
+def summary(records, variants=False, key="ms"):
+    """The short table: per case, ``key`` (eager ``ms`` or ``graph_ms``) per impl, our ratios and the targets."""
     if variants:
-        cols = ["impl", "N", "kv_density", "q_density", "ms", "tflops", "tflops_computed", "status"]
+        cols = ["impl", "N", "kv_density", "q_density", key, "tflops", "tflops_computed", "status"]
         return format_table(records, cols)
     by = {(r["impl"], r["N"], r["kv_density"], r["q_density"]): r for r in records}
     rows = []
@@ -305,10 +320,11 @@ def summary(records, variants=False):
             continue
         def ms(name, kd=kv_d, qd=q_d):
             x = by.get((name, N, kd, qd))
-            return x["ms"] if x and x.get("ms") else None
+            return x[key] if x and x.get(key) else None
         ours_ms, dense_ms, q_dense_ms = ms("flashomni"), ms("flashomni", 1.0, 1.0), ms("flashomni", kv_d, 1.0)
         row = dict(N=N, kv_d=kv_d, q_d=q_d, frac=r["computed_fraction"], ours_ms=ours_ms,
-                   tflops=r.get("tflops"), flex_ms=ms("flex"), status=r["status"])
+                   tflops=tflops(r["flops_dense"], ours_ms) if ours_ms else None, flex_ms=ms("flex"),
+                   status=r["status"])
         if ours_ms:
             if ms("flex"):
                 row["vs_flex"] = ms("flex") / ours_ms

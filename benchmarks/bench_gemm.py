@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if not torch.cuda.is_available() and "--compile-check" not in sys.argv:   # CPU smoke run: the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from _common import bench_ms, format_table, header, rel_err, tflops, write_results  # noqa: E402
+from _common import bench_ms, format_table, graph_ms, header, host_us, rel_err, tflops, write_results  # noqa: E402
 
 from flashomni_compile.kernels import gemm_o, gemm_q  # noqa: E402
 from flashomni_compile.kernels.gemm_q import Config  # noqa: E402
@@ -75,6 +75,7 @@ O_VARIANTS = {   # also the candidates for "c" (out_proj_cache)
     "gluon_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 128, 4)),
     "gluon_s5": Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 128, 5)),
     "gluon_64x256_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4)),   # the table's (sm_90)
+    "gluon_coop_128x256_s3": Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 256, 3)),   # cooperative
 }
 PTR = Config(128, 128, 64, 8, 8, 3, False)   # the portable path, self-checked
 
@@ -202,60 +203,6 @@ def timed(fn, check, name, **meta):
     if torch.cuda.is_available() and meta.get("M") == 4608:
         r["host_us"] = host_us(fn)
     return r
-
-
-def graph_ms(fn, n: int = 10, reps: int = 5) -> float:
-    """Median device milliseconds of ``fn()`` from CUDA-graph replays, L2 flushed before each call.
-
-    One graph holds ``n x (flush; fn)``, another ``n x flush``; the difference over ``n`` is fn's time.
-    Graphs take the host out: our launchers cost tens of microseconds of Python each (``host_us``),
-    as much as the kernel at M = 4608 and low density, which eager timing would report instead."""
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-
-    def capture(with_fn: bool):
-        def body():
-            for _ in range(n):
-                flush.zero_()
-                if with_fn:
-                    fn()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            body()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            body()
-        return g
-
-    def replay_ms(g) -> float:
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-
-    g1, g0 = capture(True), capture(False)
-    t = (replay_ms(g1) - replay_ms(g0)) / n
-    del g1, g0, flush
-    return t
-
-
-def host_us(fn, calls: int = 50) -> float:
-    """Host microseconds per call (enqueue only: the device runs behind)."""
-    import time
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t = (time.perf_counter() - t) / calls * 1e6
-    torch.cuda.synchronize()
-    return t
 
 
 def _cpu_ms(fn) -> float:

@@ -61,8 +61,9 @@ def gemm_o_main() -> None:
     """Variants: "o" sparse_linear_o, "o+e" with an extra range, "c" out_proj_cache; D 64/128, fp16/bf16.
     Partial row and column tiles and B = 2 (the shapes do not change the code, only the specialisation)."""
     B, M, H, N = 2, 1000, 4, 384
-    for (kind, extra), D, dt in itertools.product((("o", False), ("o", True), ("c", False)), (64, 128),
-                                                  (torch.bfloat16, torch.float16)):
+    tiles = ((128, 128, 4), (64, 256, 4), (128, 256, 3))     # gemm_o_sm90.TILES, each at its ring depth
+    for (kind, extra), D, dt, (bm, bn, stages) in itertools.product(
+            (("o", False), ("o", True), ("c", False)), (64, 128), (torch.bfloat16, torch.float16), tiles):
         a, w = torch.empty(B, M, H * D, dtype=dt), torch.empty(N, H * D, dtype=dt)
         y = torch.empty(B, M, N, dtype=dt)
         keep = torch.empty(B, H, 9, dtype=torch.bool).view(torch.uint8)
@@ -73,9 +74,10 @@ def gemm_o_main() -> None:
         with sm90_target():
             gemm_o_sm90.gemm_o_sm90(a, w, c, bias, keep, e, ew, y, D, 0, 128, kind == "o",
                                     lambda kern, grid, *args, **kw: built.append(kern.warmup(*args, grid=grid, **kw)),
-                                    programs=4)
+                                    programs=4, stages=stages, block_m=bm, block_n=bn)
         regs, spill = resource_usage(built[-1])
-        print(json.dumps(dict(variant=kind + ("+e" if extra else ""), D=D, dtype=str(dt).split(".")[-1], regs=regs,
+        print(json.dumps(dict(variant=kind + ("+e" if extra else "") + f"_{bm}x{bn}", D=D,
+                              dtype=str(dt).split(".")[-1], regs=regs,
                               spill=spill, shared=built[-1].metadata.shared)))
     sys.stdout.flush()
 

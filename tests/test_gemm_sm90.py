@@ -25,8 +25,9 @@ from flashomni_compile.kernels.gemm_q import Config
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 GLUON = Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4))    # the table's sm_90 entry
-# the consumer tiles the kernel is built for (gemm_o_sm90.gemm_o_sm90: 128 x 128 and 64 x 256)
-TILES = {"128x128": GLUON._replace(gluon=(128, 128, 4)), "64x256": GLUON}
+# the tiles the kernel is built for (gemm_o_sm90.TILES): two ping-pong, one cooperative
+TILES = {"128x128": GLUON._replace(gluon=(128, 128, 4)), "64x256": GLUON,
+         "128x256": GLUON._replace(gluon=(128, 256, 3))}
 ENTRY_SPILL = 8           # see the module docstring
 
 
@@ -36,6 +37,14 @@ def test_compiles_for_sm90():
     for r in rows:
         assert r["spill"] <= ENTRY_SPILL, f"register spill: {r}"
         assert r["shared"] <= SM90_SMEM_LIMIT, f"over sm_90's shared memory: {r}"
+
+
+def test_tiles_are_the_kernels():
+    assert {tuple(c.gluon[:2]) for c in TILES.values()} == set(gemm_o_sm90.TILES)
+    with pytest.raises(ValueError, match="tile 256 x 128"):
+        y = torch.zeros(1, 256, 256, dtype=torch.bfloat16)
+        gemm_o_sm90.gemm_o_sm90(y, y[0], y, None, y[0, 0].view(torch.uint8), None, None, y, 128, 0, 128, True,
+                                None, block_m=256, block_n=128)
 
 
 def test_supports_declines_what_the_kernel_does_not_cover():

@@ -15,16 +15,21 @@ Here one CTA per SM walks the tiles ``pid, pid + P, ...`` with three partitions 
   for each selected head (``_next_head`` walks the tile's q_keep row) and each 64-wide step of it, the
   A and W slices into a ring of ``STAGES`` buffers, then the extra range's slices; every ring stage and
   C buffer is handed over with a *ready* (TMA byte count) and an *empty* (consumer arrive) mbarrier.
-* ``_consumer`` x 2 (4 warps each): consumer ``X`` takes the tiles ``j % 2 == X`` whole (64 x 256 in
-  the launch table, or 128 x 128; the accumulator is 128 registers a thread either way): wgmma over the
-  tile's ring stages (one product in flight), then the epilogue: wait C, ``y = acc + c``, written over C
-  in its shared buffer, TMA store, release the buffer.
+* ``_consumer`` x 2 (4 warps each), in one of two schedules (``TILES``; the accumulator is 128 registers
+  a thread in each): wgmma over the tile's ring stages (one product in flight), then the epilogue: wait C,
+  ``y = acc + c``, written over C in its shared buffer, TMA store, release the buffer.
 
-The ring is filled in tile order, so while one consumer runs its epilogue the other's reduction runs on
-the tensor cores (CUTLASS's ping-pong schedule, reached here by the order of the ring rather than by an
-explicit barrier). Each consumer walks the other's tiles too: it counts their stages (the same q_keep
-row sum), waits for each to land and releases it unread, because a barrier tells a stage's uses apart
-only by parity (see ``_consumer``): a stage is refilled once both consumers have released it.
+  *Ping-pong* (128 x 128 or 64 x 256 tiles): consumer ``X`` takes the tiles ``j % 2 == X`` whole. The
+  ring is filled in tile order, so while one consumer runs its epilogue the other's reduction runs on
+  the tensor cores (CUTLASS's ping-pong schedule, reached here by the order of the ring rather than by an
+  explicit barrier). Each consumer walks the other's tiles too: it counts their stages (the same q_keep
+  row sum), waits for each to land and releases it unread, because a barrier tells a stage's uses apart
+  only by parity (see ``_consumer``): a stage is refilled once both consumers have released it.
+
+  *Cooperative* (128 x 256 tiles): both consumers work on every tile, consumer ``X`` on rows
+  ``64 X .. 64 X + 63``, reading the same W slice of each stage; C buffer ``X`` holds its half. A stage
+  brings 48 KB for 4.2 MFLOP against 40 KB for 2.1 MFLOP at 64 x 256 (32 KB for 2.1 at 128 x 128): half
+  the shared-memory fill traffic per FLOP, for an epilogue that no reduction overlaps.
 
 Notation: BLOCK_M x BLOCK_N output tile, BLOCK_K reduction step, KSTEPS = D / BLOCK_K steps per head,
 ``j`` the program's tile counter, ``cnt`` the ring fills (loader) or ring stages passed (consumers).
@@ -61,7 +66,12 @@ __all__ = ["supports", "gemm_o_sm90", "AVAILABLE"]
 BLOCK_M = 128
 BLOCK_N = 128
 BLOCK_K = 64
-STAGES = 4      # ring of A/W slices, 4 x 32 KB (64 x 256 tiles: 40 KB), + 2 C/Y buffers of 32 KB: 192 (224) KB
+STAGES = 4      # ring of A/W slices, 4 x 32 KB (64 x 256 tiles: 40 KB), + 2 C/Y buffers of 32 KB: 192 (224) KB;
+                # cooperative 128 x 256 tiles: 48 KB a stage, 3 stages + 2 x 32 KB = 208 KB
+# (BLOCK_M, BLOCK_N) -> schedule. Ping-pong: each consumer takes alternate tiles whole. Cooperative: both
+# consumers work on every tile, 64 rows each, and share its W slices (a 128 x 256 tile per consumer would
+# need a 256-register accumulator). The accumulator is 128 registers a thread in all three.
+TILES = {(128, 128): "ping-pong", (64, 256): "ping-pong", (128, 256): "cooperative"}
 GROUP_M = 8     # row tiles that sweep the column tiles together (L2 reuse of W)
 WORD = 32       # heads per q_keep load of the head walk
 
@@ -143,8 +153,10 @@ if AVAILABLE:
         BLOCK_K: gl.constexpr = desc_a.block_type.shape[2]
         BLOCK_N: gl.constexpr = desc_w.block_type.shape[0]
         KSTEPS: gl.constexpr = HEAD_DIM // BLOCK_K
+        SUB_M: gl.constexpr = desc_y.block_type.shape[1]     # one consumer's rows: BLOCK_M, or half of it
+        COOP: gl.constexpr = SUB_M != BLOCK_M
         ab_bytes: gl.constexpr = (BLOCK_M + BLOCK_N) * BLOCK_K * desc_a.dtype.primitive_bitwidth // 8
-        c_bytes: gl.constexpr = BLOCK_M * BLOCK_N * desc_a.dtype.primitive_bitwidth // 8
+        c_bytes: gl.constexpr = SUB_M * BLOCK_N * desc_a.dtype.primitive_bitwidth // 8
         word: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         offs = gl.arange(0, WORD, layout=word)
         cnt = 0
@@ -154,10 +166,16 @@ if AVAILABLE:
                                          BLOCK_Q, GROUP_M)
             bi = b.to(gl.int32)
             if HAS_C:
-                x = j % 2
-                mbarrier.wait(c_empty.index(x), ((j // 2) & 1) ^ 1)
-                mbarrier.expect(c_ready.index(x), c_bytes)
-                _tma_load(desc_c, [bi, m0, n0], c_ready.index(x), c_smem.index(x))
+                if COOP:    # the tile's two row halves, one per consumer: each buffer is used every tile
+                    for x in gl.static_range(2):
+                        mbarrier.wait(c_empty.index(x), (j & 1) ^ 1)
+                        mbarrier.expect(c_ready.index(x), c_bytes)
+                        _tma_load(desc_c, [bi, m0 + x * SUB_M, n0], c_ready.index(x), c_smem.index(x))
+                else:
+                    x = j % 2
+                    mbarrier.wait(c_empty.index(x), ((j // 2) & 1) ^ 1)
+                    mbarrier.expect(c_ready.index(x), c_bytes)
+                    _tma_load(desc_c, [bi, m0, n0], c_ready.index(x), c_smem.index(x))
             for h0 in range(0, H, WORD):
                 sel, count = _head_word(KEEP + b * stride_kb + qb * stride_kq, h0, H, stride_kh, SELECT_KEPT,
                                         WORD, word)
@@ -186,6 +204,8 @@ if AVAILABLE:
         BLOCK_K: gl.constexpr = desc_a.block_type.shape[2]
         BLOCK_N: gl.constexpr = desc_w.block_type.shape[0]
         KSTEPS: gl.constexpr = HEAD_DIM // BLOCK_K
+        SUB_M: gl.constexpr = desc_y.block_type.shape[1]
+        COOP: gl.constexpr = SUB_M != BLOCK_M
         dtype: gl.constexpr = desc_a.dtype
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
@@ -197,7 +217,7 @@ if AVAILABLE:
                                          BLOCK_Q, GROUP_M)
             n = _tile_steps(KEEP, b, qb, H, KE, stride_kb, stride_kh, stride_kq, SELECT_KEPT, KSTEPS, BLOCK_K, WORD,
                             word)   # KE is 0 without an extra range
-            if j % 2 != X:
+            if not COOP and j % 2 != X:
                 # The other consumer's tile: see each of its stages land and release it at once, without
                 # reading it. A barrier tells a stage's uses apart only by parity, so each consumer must
                 # stay within one use of every stage: if it skipped the other's uses it could wait for use
@@ -207,11 +227,13 @@ if AVAILABLE:
                     mbarrier.wait(ready.index((cnt + k) % STAGES), ((cnt + k) // STAGES) & 1)
                     mbarrier.arrive(empty.index((cnt + k) % STAGES), count=1)
             else:
-                acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
+                acc = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout=acc_layout)
                 for k in range(n):
                     s = (cnt + k) % STAGES
                     mbarrier.wait(ready.index(s), ((cnt + k) // STAGES) & 1)
                     a2 = a_smem.index(s).reshape([BLOCK_M, BLOCK_K])
+                    if COOP:
+                        a2 = a2.slice(X * SUB_M, SUB_M, 0)     # this consumer's rows; the W slice is shared
                     acc = warpgroup_mma(a2, w_smem.index(s).permute((1, 0)), acc, is_async=True)
                     # one product in flight: the previous one is done, so its stage goes back
                     acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
@@ -222,9 +244,9 @@ if AVAILABLE:
                     mbarrier.arrive(empty.index((cnt + n - 1) % STAGES), count=1)
                 # Epilogue: y = acc (+ c) (+ bias), through the consumer's shared buffer and a TMA store.
                 buf = c_smem.index(X)
-                buf2 = buf.reshape([BLOCK_M, BLOCK_N])
+                buf2 = buf.reshape([SUB_M, BLOCK_N])
                 if HAS_C:
-                    mbarrier.wait(c_ready.index(X), (j // 2) & 1)
+                    mbarrier.wait(c_ready.index(X), (j if COOP else j // 2) & 1)
                     acc = acc + buf2.load(acc_layout).to(gl.float32)
                 if HAS_BIAS:
                     offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
@@ -234,7 +256,10 @@ if AVAILABLE:
                 # needed between the C load and this store.
                 buf2.store(acc.to(dtype))
                 fence_async_shared()
-                _tma_store(desc_y, [b.to(gl.int32), m0, n0], buf)
+                row0 = m0
+                if COOP:
+                    row0 = m0 + X * SUB_M
+                _tma_store(desc_y, [b.to(gl.int32), row0, n0], buf)
                 tma.store_wait(0)
                 if HAS_C:
                     mbarrier.arrive(c_empty.index(X), count=1)
@@ -285,11 +310,14 @@ def gemm_o_sm90(a: Tensor, weight: Tensor, c: Optional[Tensor], bias: Optional[T
                 stages: int = STAGES, block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> Tensor:
     """Launch the Gluon kernel into ``y`` (allocated by the caller); ``keep`` is q_keep viewed as uint8.
     ``c`` given: ``sparse_linear_o`` (``select_kept``); ``bias``: ``out_proj_cache``. ``programs`` caps the
-    grid (default: one program per SM); ``block_m x block_n`` is one consumer's tile (64 or 128 rows, at most
-    256 columns: the accumulator is 128 registers a thread at 128 x 128 and 64 x 256)."""
+    grid (default: one program per SM); ``block_m x block_n`` is the tile, one of ``TILES``: 128 x 128 and
+    64 x 256 in ping-pong (one consumer's tile), 128 x 256 cooperative (64 rows for each consumer)."""
     B, M, K = a.shape
     N = weight.shape[0]
-    blk_a, blk_w, blk_c = [1, block_m, BLOCK_K], [block_n, BLOCK_K], [1, block_m, block_n]
+    if (block_m, block_n) not in TILES:
+        raise ValueError(f"gemm_o_sm90: tile {block_m} x {block_n} is not one of {sorted(TILES)}")
+    sub_m = block_m // 2 if block_n == 256 and block_m == 128 else block_m     # cooperative: half a tile each
+    blk_a, blk_w, blk_c = [1, block_m, BLOCK_K], [block_n, BLOCK_K], [1, sub_m, block_n]
     desc_a, desc_w, desc_y = _descriptor(a, blk_a), _descriptor(weight, blk_w), _descriptor(y, blk_c)
     desc_c = _descriptor(c, blk_c) if c is not None else desc_y                 # placeholder, never read
     has_extra = extra is not None
