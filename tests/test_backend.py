@@ -165,6 +165,34 @@ def test_repeated_blocks_get_one_anchor_per_layer(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_recompiled_block_keeps_its_layers_state():
+    """Flux's stride recompile (above) registers the single-stream site again: the layers the new graph
+    serves, the first single block included, keep the state they had (one LayerState per layer, every
+    update counted on it). Keyed by the raw site index, the first single block's step-0 state was orphaned
+    and it started over at step 1 with no history (a full-size Flux run reported it as a site of its own)."""
+    from flashomni_compile.runtime.spec import layer_site
+    from flashomni_compile.runtime.state import all_layer_states
+
+    model, kw = M.flux(num_layers=1, num_single_layers=3)
+    flashomni_compile.reset_runtime()
+    steps = 4
+    model.compile_repeated_blocks(backend="flashomni", fullgraph=True, options=dict(
+        inner_backend="aot_eager", policy="flashomni", block_q=16, block_kv=16, warmup=1, interval=2,
+        total_steps=steps, sparse_gemm_min_macs=0, sparse_gemm_o_min_macs=0))
+    with fo_backend.capture() as records, torch.no_grad():
+        for step in range(steps):
+            flashomni_compile.set_step(step, steps)
+            model(**dict(kw, timestep=torch.tensor([1.0 - step / steps])))
+    flashomni_compile.clear_step()
+    singles = [s.index for r in records for s in r.sites if get_site(s.index).kind == "single"]
+    assert len(singles) == 2 and layer_site(singles[1]) == layer_site(singles[0]) == singles[0]
+    states = all_layer_states()
+    assert len(states) == 4, [(st.site, st.spec.name) for st in states]          # 1 joint + 3 single layers
+    assert {st.site for st in states if st.spec.kind == "single"} == {singles[0]}
+    assert len({(st.stats.updates, st.stats.dispatches) for st in states}) == 1, \
+        [(st.spec.name, st.stats.updates, st.stats.dispatches) for st in states]
+
+
 def test_site_ops_opcheck():
     from torch.library import opcheck
 

@@ -57,7 +57,7 @@ from .controller import begin_pass, in_last_dense, step_kind
 from .hooks import _HOOKS, apply_symbol_hooks, symbol_hooks
 from .options import RuntimeOptions, resolve_options
 from .policies import DensePolicy, PolicyContext, get_policy, pooled_scores
-from .spec import SiteSpec, get_site
+from .spec import SiteSpec, get_site, layer_site
 from .state import _STATES, DISPATCH, UPDATE, BranchState, LayerState, Pass, layer_state, reset_state
 
 __all__ = ["attention", "linear_q", "linear_kv", "linear_o", "reset", "set_runtime_options",
@@ -171,11 +171,11 @@ def _state(site: int, anchor: Tensor) -> Optional[LayerState]:
     spec, opts, policy, dense_policy, always_dense = _site_cfg(site)
     if always_dense or (dense_policy and not _HOOKS):
         return None
-    key = (site, anchor.data_ptr())
+    key = (layer_site(site), anchor.data_ptr())
     if _TOUCHED is not None:
         _TOUCHED.append(key)
     st = _STATES.get(key)
-    return st if st is not None else layer_state(site, anchor, spec, opts, policy)
+    return st if st is not None else layer_state(key[0], anchor, spec, opts, policy)
 
 
 # Hooks of the CUDA-graph step runner (runtime/graphs.py), None when it is not watching:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["SiteSpec", "register_site", "get_site", "all_sites"]
+__all__ = ["SiteSpec", "register_site", "get_site", "all_sites", "layer_site"]
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,23 @@ class SiteSpec:
 
 
 _SITES: list[SiteSpec] = []
+_LAYER_SITE: list[int] = []    # per index: the first index registered with an equal spec and equal options
 
 
 def register_site(spec: SiteSpec) -> int:
     """Register a spec and return the index the graph passes to the ``site_*`` ops."""
     _SITES.append(spec)
+    _LAYER_SITE.append(next(i for i, other in enumerate(_SITES) if other == spec and other.options == spec.options))
     return len(_SITES) - 1
+
+
+def layer_site(index: int) -> int:
+    """The index that keys the run-time state of a layer reached through site ``index``: the first site
+    registered with an equal spec and equal options. Dynamo recompiles a block when a guard fails (Flux's
+    first single-stream block gets a contiguous input, the later ones a view of the joint sequence, so
+    the second block recompiles it with dynamic strides) and the new graph registers its sites again;
+    the layers it then serves keep their symbols, caches and statistics."""
+    return _LAYER_SITE[index]
 
 
 def get_site(index: int) -> SiteSpec:

@@ -1,8 +1,9 @@
 """Per-layer run-time state of a site: persistent symbol tensors, feature cache, pass tracking.
 
-State is keyed by ``(site, anchor.data_ptr())``: ``site`` is the ``SiteSpec`` index the graph carries,
-``anchor`` a weight of the layer, so one compiled block reused for every layer (diffusers'
-``compile_repeated_blocks``) gets one ``LayerState`` per layer. Inside a layer, a ``BranchState`` holds
+State is keyed by ``(spec.layer_site(site), anchor.data_ptr())``: ``site`` is the ``SiteSpec`` index the
+graph carries (``layer_site``: the same index for every recompiled graph of the block), ``anchor`` a weight
+of the layer, so one compiled block reused for every layer (diffusers' ``compile_repeated_blocks``) gets
+one ``LayerState`` per layer. Inside a layer, a ``BranchState`` holds
 the device tensors of one *branch*: normally one; with classifier-free guidance run as two forward
 calls per step and the step set explicitly (``set_step``), the second call of a step is branch 1, so
 the conditional and unconditional passes keep separate symbols and caches.
@@ -23,7 +24,7 @@ from ..symbols import SparseSymbols, kv_block_lists
 from ..symbols import kv_need as kv_need_of
 from .cache import FeatureCache
 from .options import RuntimeOptions
-from .spec import SiteSpec
+from .spec import SiteSpec, layer_site
 from .stats import LayerStats
 
 __all__ = ["BranchState", "LayerState", "Pass", "layer_state", "all_layer_states", "reset_state", "symbols_of",
@@ -147,7 +148,7 @@ def reset_state() -> None:
 
 def symbols_of(site: int, anchor: Tensor, branch: int = 0) -> Optional[SparseSymbols]:
     """The symbols in force for one layer (``None`` before its first update)."""
-    st = _STATES.get((site, anchor.data_ptr()))
+    st = _STATES.get((layer_site(site), anchor.data_ptr()))
     if st is None or len(st.branches) <= branch:
         return None
     return st.branches[branch].symbols
