@@ -142,6 +142,22 @@ if AVAILABLE:
         return cnt + 1
 
     @gluon.jit
+    def _load_c(desc_c, bi, m0, n0, c_smem, c_ready, c_empty, j, COOP: gl.constexpr, SUB_M: gl.constexpr,
+                c_bytes: gl.constexpr):
+        """The C tile of the program's ``j``-th tile, once its buffer is free: ping-pong into buffer
+        ``j % 2`` (each buffer every other tile), cooperative its two row halves into buffers 0 and 1."""
+        if COOP:
+            for x in gl.static_range(2):
+                mbarrier.wait(c_empty.index(x), (j & 1) ^ 1)
+                mbarrier.expect(c_ready.index(x), c_bytes)
+                _tma_load(desc_c, [bi, m0 + x * SUB_M, n0], c_ready.index(x), c_smem.index(x))
+        else:
+            x = j % 2
+            mbarrier.wait(c_empty.index(x), ((j // 2) & 1) ^ 1)
+            mbarrier.expect(c_ready.index(x), c_bytes)
+            _tma_load(desc_c, [bi, m0, n0], c_ready.index(x), c_smem.index(x))
+
+    @gluon.jit
     def _loader(args, SELECT_KEPT: gl.constexpr, HAS_C: gl.constexpr, HAS_BIAS: gl.constexpr,
                 HAS_EXTRA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
                 GROUP_M: gl.constexpr, WORD: gl.constexpr, X: gl.constexpr):
@@ -165,17 +181,10 @@ if AVAILABLE:
             b, qb, m0, n0 = _tile_coords(t, tiles_m * tiles_n, tiles_m, tiles_n, FIRST_TILE, BLOCK_M, BLOCK_N,
                                          BLOCK_Q, GROUP_M)
             bi = b.to(gl.int32)
-            if HAS_C:
-                if COOP:    # the tile's two row halves, one per consumer: each buffer is used every tile
-                    for x in gl.static_range(2):
-                        mbarrier.wait(c_empty.index(x), (j & 1) ^ 1)
-                        mbarrier.expect(c_ready.index(x), c_bytes)
-                        _tma_load(desc_c, [bi, m0 + x * SUB_M, n0], c_ready.index(x), c_smem.index(x))
-                else:
-                    x = j % 2
-                    mbarrier.wait(c_empty.index(x), ((j // 2) & 1) ^ 1)
-                    mbarrier.expect(c_ready.index(x), c_bytes)
-                    _tma_load(desc_c, [bi, m0, n0], c_ready.index(x), c_smem.index(x))
+            # The C tile is loaded after the tile's first STAGES ring fills (or after all of them, if
+            # fewer): its buffer frees only when the previous tile that used it has been stored, and
+            # waiting for that first would leave the ring empty at the start of this tile.
+            start = cnt
             for h0 in range(0, H, WORD):
                 sel, count = _head_word(KEEP + b * stride_kb + qb * stride_kq, h0, H, stride_kh, SELECT_KEPT,
                                         WORD, word)
@@ -186,10 +195,19 @@ if AVAILABLE:
                     for ks in gl.static_range(KSTEPS):
                         cnt = _fill_stage(desc_a, desc_w, bi, m0, n0, h * HEAD_DIM + ks * BLOCK_K, a_smem, w_smem,
                                           ready, empty, cnt, STAGES, ab_bytes)
+                        if HAS_C:
+                            if cnt - start == STAGES:
+                                _load_c(desc_c, bi, m0, n0, c_smem, c_ready, c_empty, j, COOP, SUB_M, c_bytes)
             if HAS_EXTRA:
                 for k0 in range(0, KE, BLOCK_K):
                     cnt = _fill_stage(desc_e, desc_ew, bi, m0, n0, k0, a_smem, w_smem, ready, empty, cnt, STAGES,
                                       ab_bytes)
+                    if HAS_C:
+                        if cnt - start == STAGES:
+                            _load_c(desc_c, bi, m0, n0, c_smem, c_ready, c_empty, j, COOP, SUB_M, c_bytes)
+            if HAS_C:
+                if cnt - start < STAGES:
+                    _load_c(desc_c, bi, m0, n0, c_smem, c_ready, c_empty, j, COOP, SUB_M, c_bytes)
             j += 1
 
     @gluon.jit
