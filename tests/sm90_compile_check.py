@@ -1,8 +1,9 @@
 """Compile the Gluon kernels for sm_90 on any machine (no GPU) and print their resources as JSON.
 
     python tests/sm90_compile_check.py          # attention: one line per variant {"variant", "D", "regs", "spill", "shared"}
-    python tests/sm90_compile_check.py gemm_o   # GEMM-O (gemm_o_sm90.py), the same fields
+    python tests/sm90_compile_check.py gemm_o   # GEMM-O (gemm_o_sm90.py), the same fields and "loop_local"
     python tests/sm90_compile_check.py refresh  # the refresh pass (refresh.py, a Triton kernel), the same fields
+    python tests/sm90_compile_check.py probe    # the in-loop spill check on a kernel that spills and one that does not
 
 Under ``sm90_target`` (a stub driver reporting sm_90) each launch becomes ``kernel.warmup`` (compile only)
 on CPU tensors of the kernel's real shapes and strides. ``test_attention_sm90.py`` runs it in a subprocess,
@@ -17,7 +18,7 @@ import torch
 
 from flashomni_compile.kernels import attention_sm90 as G
 from flashomni_compile.kernels import gemm_o_sm90
-from flashomni_compile.kernels.sm90_compile import resource_usage, sm90_target
+from flashomni_compile.kernels.sm90_compile import local_accesses_in_loops, resource_usage, sm90_target
 
 
 # variant -> (partial last kv-block, lists, cached q-blocks with 2 Taylor terms, key padding mask)
@@ -53,7 +54,7 @@ def main() -> None:
                                     k_stages=stages)
         regs, spill = resource_usage(built[-1])
         print(json.dumps(dict(variant=f"{name}_k{stages}", D=D, regs=regs, spill=spill,
-                              shared=built[-1].metadata.shared)))
+                              loop_local=local_accesses_in_loops(built[-1]), shared=built[-1].metadata.shared)))
     sys.stdout.flush()
 
 
@@ -77,7 +78,7 @@ def gemm_o_main() -> None:
                                     programs=4, stages=stages, block_m=bm, block_n=bn)
         regs, spill = resource_usage(built[-1])
         print(json.dumps(dict(variant=kind + ("+e" if extra else "") + f"_{bm}x{bn}", D=D,
-                              dtype=str(dt).split(".")[-1], regs=regs,
+                              dtype=str(dt).split(".")[-1], regs=regs, loop_local=local_accesses_in_loops(built[-1]),
                               spill=spill, shared=built[-1].metadata.shared)))
     sys.stdout.flush()
 
@@ -104,6 +105,29 @@ def refresh_main() -> None:
     sys.stdout.flush()
 
 
+def probe_main() -> None:
+    """The spill check's own check: a loop whose accumulator cannot fit in registers (``[128, 64]`` fp32
+    on one warp: 256 values a thread) against the same loop on a ``[16, 64]`` one."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _acc_loop(X, Y, n, ROWS: tl.constexpr):
+        offs = tl.arange(0, ROWS)[:, None] * 64 + tl.arange(0, 64)[None, :]
+        acc = tl.zeros([ROWS, 64], tl.float32)
+        for i in range(n):
+            acc = acc * 0.5 + tl.load(X + i * ROWS * 64 + offs)
+        tl.store(Y + offs, acc)
+
+    for rows in (16, 128):
+        x, y = torch.empty(rows * 64 * 4), torch.empty(rows * 64)
+        with sm90_target():
+            k = _acc_loop.warmup(x, y, 4, ROWS=rows, grid=(1,), num_warps=1)
+        regs, spill = resource_usage(k)
+        print(json.dumps(dict(variant=f"probe_{rows}", regs=regs, spill=spill, loop_local=local_accesses_in_loops(k))))
+    sys.stdout.flush()
+
+
 if __name__ == "__main__":
     mode = sys.argv[1:]
-    gemm_o_main() if mode == ["gemm_o"] else refresh_main() if mode == ["refresh"] else main()
+    {"gemm_o": gemm_o_main, "refresh": refresh_main, "probe": probe_main}.get(mode[0] if mode else "", main)()

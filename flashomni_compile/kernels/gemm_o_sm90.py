@@ -11,10 +11,12 @@ per-tile kernel pays them back to back, one tile after another on each SM (H200,
 against a byte floor near 0.1 ms); its persistent variant could not overlap them either (NOTES.md).
 Here one CTA per SM walks the tiles ``pid, pid + P, ...`` with three partitions (``gl.warp_specialize``):
 
-* ``_loader`` (1 warp): for tile ``j`` of the program, the C tile by TMA into buffer ``j % 2``, then
-  for each selected head (``_next_head`` walks the tile's q_keep row) and each 64-wide step of it, the
-  A and W slices into a ring of ``STAGES`` buffers, then the extra range's slices; every ring stage and
-  C buffer is handed over with a *ready* (TMA byte count) and an *empty* (consumer arrive) mbarrier.
+* ``_loader`` (1 warp): for tile ``j`` of the program, for each selected head (the tile's q_keep row,
+  walked in registers) and each 64-wide step of it, the A and W slices into a ring of ``STAGES``
+  buffers, then the extra range's slices; the C tile (``_load_c``) by TMA after the tile's first
+  ``STAGES`` fills, so that waiting for its buffer (freed by the store of an earlier tile) never holds
+  back the ring. Every ring stage and C buffer is handed over with a *ready* (TMA byte count) and an
+  *empty* (consumer arrive) mbarrier.
 * ``_consumer`` x 2 (4 warps each), in one of two schedules (``TILES``; the accumulator is 128 registers
   a thread in each): wgmma over the tile's ring stages (one product in flight), then the epilogue: wait C,
   ``y = acc + c``, written over C in its shared buffer, TMA store, release the buffer.
@@ -28,8 +30,8 @@ Here one CTA per SM walks the tiles ``pid, pid + P, ...`` with three partitions 
 
   *Cooperative* (128 x 256 tiles): both consumers work on every tile, consumer ``X`` on rows
   ``64 X .. 64 X + 63``, reading the same W slice of each stage; C buffer ``X`` holds its half. A stage
-  brings 48 KB for 4.2 MFLOP against 40 KB for 2.1 MFLOP at 64 x 256 (32 KB for 2.1 at 128 x 128): half
-  the shared-memory fill traffic per FLOP, for an epilogue that no reduction overlaps.
+  brings 48 KB for 4.2 MFLOP against 40 KB for 2.1 MFLOP at 64 x 256 (32 KB for 2.1 at 128 x 128): 0.6x
+  (0.75x) the L2-to-shared traffic per FLOP, for an epilogue that no reduction overlaps.
 
 Notation: BLOCK_M x BLOCK_N output tile, BLOCK_K reduction step, KSTEPS = D / BLOCK_K steps per head,
 ``j`` the program's tile counter, ``cnt`` the ring fills (loader) or ring stages passed (consumers).
@@ -38,10 +40,10 @@ barrier counts as having completed phase 1, so the first fill does not wait). Te
 3-D ``[B, M, *]`` descriptors, so a partial last row tile reads zeros past M and its store is clipped at M
 (never into the next batch).
 
-Measured (H200, M = 33792, K = N = 3072, bf16; benchmarks/results/gemm_h200_gluon*.json): dense 0.94-0.96 ms
-(0.83-0.86x cuBLAS; the Triton kernel 1.06 ms), head density 0.125 0.214-0.216 ms (3.7-3.8x cuBLAS; the
-Triton kernel 0.32 ms); 64 x 256 and 128 x 128 consumer tiles within 3% of each other, a 5-stage ring no
-better.
+Measured (H200, M = 33792, K = N = 3072, bf16; benchmarks/results/gemm_h200_coop.json, the launch table's
+cooperative 128 x 256 tile with a 3-stage ring): dense 0.856-0.862 ms (0.94x cuBLAS; 64 x 256 ping-pong
+0.929, the Triton kernel 1.06), head density 0.125 0.206-0.210 ms (3.9x cuBLAS; ping-pong 0.222). Loading
+a tile's C after its first ring fills, not before them, took the cooperative d = 0.125 case from 0.226 ms.
 
 Gluon has no interpreter: CPU tests compile it for sm_90 and check its resources
 (``tests/sm90_compile_check.py``); on a Hopper GPU ``tests/test_gemm_sm90.py`` compares it with the

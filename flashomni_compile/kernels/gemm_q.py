@@ -215,16 +215,17 @@ class Config(NamedTuple):
 #      M=33792; at d=0.125 the split keeps Q as cheap as 128x128 tiles: 0.274 vs 0.273 ms).
 #   o, c: 128x128, 8 warps, 4 stages. 64x128 4-warp tiles (2 CTAs per SM) were 19% faster at d=0.125
 #      (0.279 vs 0.343 ms) but 50% slower dense (1.67 vs 1.11 ms); density is per-step data, so no switch.
-#      On sm_90 the calls gemm_o_sm90.supports takes run the Gluon kernel instead, 64x256 consumer tiles
-#      with a 4-stage ring: least total time of the H200 sweep (17.05 ms vs 17.55 for 128x128 s4, 18.89
-#      for 128x128 s5, 18.87 for this Triton entry; results/gemm_h200_gluon2.json, gemm_h200_gluon.json).
+#      On sm_90 the calls gemm_o_sm90.supports takes run the Gluon kernel instead: cooperative 128x256
+#      tiles with a 3-stage ring, least total time of the H200 sweep (17.99 ms vs 19.08 for 64x256 s4 and
+#      19.76 for 128x128 s4, all with the C tile loaded after the first ring fills; dense 0.856 vs 0.929
+#      ms, d = 0.125 0.210 vs 0.222; results/gemm_h200_coop.json). Before: 64x256 s4 (results/gemm_h200_gluon2.json).
 # Every sm90 entry compiles without spills on triton 3.6 and 3.9 for fp16/bf16/fp32 and D in {64, 72, 128}
 # (at most 192 KB of shared memory). "cpu" is the interpreter (tests): small tiles so that several
 # tiles, partial tiles and straddling heads occur at tiny sizes.
 CONFIGS = {
     ("sm90", "q"): Config(128, 256, 64, 8, 8, 4, True, split_n=True),
-    ("sm90", "o"): Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4)),
-    ("sm90", "c"): Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4)),
+    ("sm90", "o"): Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 256, 3)),
+    ("sm90", "c"): Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 256, 3)),
     ("cuda", "q"): Config(128, 128, 32, 8, 4, 3, False),
     ("cuda", "o"): Config(128, 128, 32, 8, 4, 3, False),
     ("cuda", "c"): Config(128, 128, 32, 8, 4, 3, False),
