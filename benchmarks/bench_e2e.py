@@ -43,6 +43,7 @@ from flashomni_compile.runtime import engine  # noqa: E402
 from flashomni_compile.runtime.controller import clear_step, set_step, step_kind  # noqa: E402
 from flashomni_compile.runtime.graphs import graph_failures, graph_stats  # noqa: E402
 from flashomni_compile.runtime.options import RuntimeOptions  # noqa: E402
+from flashomni_compile.runtime.stats import reset_stats  # noqa: E402
 from flashomni_compile.runtime.state import all_layer_states  # noqa: E402
 
 
@@ -141,8 +142,10 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
             else:
                 denoise(model, kw, name, args.steps, x0, run_steps=min(args.steps, opts.warmup + 2))
             warm_s = time.perf_counter() - t0
-            if not graphs:
-                engine.reset()                      # statistics of the timed loop only (a reset drops graphs)
+            if graphs:
+                reset_stats()                       # statistics of the timed loop only; the graphs stay
+            else:
+                engine.reset()                      # the same, with the run-time state (a reset drops graphs)
             split: list = []
             gstats = graph_stats()
             x, times = denoise(model, kw, name, args.steps, x0, split=split)

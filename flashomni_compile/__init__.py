@@ -14,7 +14,7 @@ from .runtime.hooks import clear_symbol_hooks, register_symbol_hook
 from .runtime.options import RuntimeOptions
 from .runtime.policies import (DensePolicy, FlashOmniPolicy, LayerCachePolicy, PolicyContext, PooledQKPolicy,
                                QCachePolicy, WindowPolicy, get_policy, policy_names, register_policy)
-from .runtime.stats import site_stats, stats_report
+from .runtime.stats import reset_stats, site_stats, stats_report
 from .symbols import SparseSymbols
 
 __all__ = [
@@ -27,6 +27,6 @@ __all__ = [
     "set_runtime_options",
     "get_policy", "policy_names", "register_policy", "PolicyContext", "DensePolicy", "WindowPolicy",
     "PooledQKPolicy", "QCachePolicy", "LayerCachePolicy", "FlashOmniPolicy",
-    "register_symbol_hook", "clear_symbol_hooks", "site_stats", "stats_report",
+    "register_symbol_hook", "clear_symbol_hooks", "reset_stats", "site_stats", "stats_report",
 ]
 __version__ = "0.1.0"

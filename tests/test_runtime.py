@@ -686,6 +686,28 @@ def test_stats_report():
     assert math.isclose(s.kv_density, sum(kv for _, kv in ran) / len(ran), rel_tol=1e-6)
 
 
+def test_reset_stats_keeps_the_state_and_counts_anew():
+    from flashomni_compile import reset_stats
+    from flashomni_compile.runtime.stats import site_stats
+
+    site = make_site(SPARSE)
+    L = Layer.random()
+    for step in range(STEPS):
+        forward(site, L, inputs(step))
+    (first,) = site_stats()
+    st = engine._state(site, L.anchor)
+    held = [t.data_ptr() for t in st.tensors()]
+    reset_stats()
+    (s,) = site_stats()
+    assert (s.updates, s.dispatches, s.q_density, s.ms_per_update) == (0, 0, None, None)
+    assert [t.data_ptr() for t in st.tensors()] == held and st.stats.cache_bytes > 0   # the state stays
+    for step in range(STEPS):                     # a second generation: counted on its own
+        forward(site, L, inputs(step))
+    (second,) = site_stats()
+    assert (second.updates, second.dispatches) == (first.updates, first.dispatches) == (6, 4)
+    assert math.isclose(second.q_density, first.q_density) and math.isclose(second.kv_density, first.kv_density)
+
+
 def test_dispatch_through_triton_kernels(monkeypatch):
     """The same loop on the Triton kernels (interpreter on CPU), K and V through GEMM-KV: dispatch = the
     reference semantics on the dense K and V, GEMM-O consistent with the attention output. Slow under the

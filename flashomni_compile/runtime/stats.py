@@ -18,7 +18,7 @@ from typing import Optional
 
 from torch import Tensor
 
-__all__ = ["LayerStats", "SiteStats", "site_stats", "stats_report"]
+__all__ = ["LayerStats", "SiteStats", "reset_stats", "site_stats", "stats_report"]
 
 
 _MAX_PERIODS = 32   # per layer: older update periods are merged into one (LayerStats._fold)
@@ -44,6 +44,14 @@ class LayerStats:
     # passes run by a CUDA-graph replay (runtime/graphs.py): counted above, but no host time is recorded
     replayed_updates: int = 0
     replayed_dispatches: int = 0
+
+    def clear(self) -> None:
+        """Zero the counters, times and density periods in place (CUDA-graph replays keep a reference
+        to this object); ``cache_bytes`` and ``cache_order`` describe the layer's state and stay."""
+        self.updates = self.dispatches = self.sparse_updates = 0
+        self.update_s = self.dispatch_s = 0.0
+        self.periods = []
+        self.replayed_updates = self.replayed_dispatches = 0
 
     def count_update(self, sparse: bool = False, replayed: bool = False) -> None:
         """One update pass; ``sparse``: its attention ran on the kv-blocks in force (``sparse_updates``)."""
@@ -111,6 +119,16 @@ class SiteStats:
     cache_mib: float                 # feature cache + GEMM-O cache, all layers
     ms_per_update: Optional[float]   # per layer call set (linear_q + attention + linear_o), host-timed
     ms_per_dispatch: Optional[float]  # passes only (CUDA-graph replays record no host time)
+
+
+def reset_stats() -> None:
+    """Start the statistics over, keeping every layer's symbols, caches and captured CUDA graphs (unlike
+    ``reset_runtime``): e.g. after warm-up generations, so that a report covers the timed ones only.
+    Densities are attributed to updates, so reset at a generation's start (its first step updates)."""
+    from .state import all_layer_states
+
+    for st in all_layer_states():
+        st.stats.clear()
 
 
 def site_stats() -> list[SiteStats]:
