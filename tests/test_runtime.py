@@ -686,6 +686,25 @@ def test_stats_report():
     assert math.isclose(s.kv_density, sum(kv for _, kv in ran) / len(ran), rel_tol=1e-6)
 
 
+def test_a_site_registered_again_shares_its_layers_state_only_with_equal_options():
+    """A recompiled block registers its sites again (test_backend: Flux's stride recompile): an equal spec
+    with equal options reaches the same layer state; other options (another compile call) do not."""
+    from flashomni_compile.runtime.spec import layer_site
+
+    first = make_site(SPARSE)
+    again = make_site(SPARSE)
+    other = make_site(dict(SPARSE, taylor_order=0))
+    renamed = make_site(SPARSE, name="blocks.1.attn")
+    assert layer_site(again) == layer_site(first) == first
+    assert layer_site(other) == other and layer_site(renamed) == renamed
+    L = Layer.random()
+    for step in range(3):
+        forward(first if step < 2 else again, L, inputs(step))   # the third call through the new graph
+    assert engine._state(again, L.anchor) is engine._state(first, L.anchor)
+    assert engine._state(first, L.anchor).stats.updates + engine._state(first, L.anchor).stats.dispatches == 3
+    assert engine._state(other, L.anchor) is not engine._state(first, L.anchor)
+
+
 def test_reset_stats_keeps_the_state_and_counts_anew():
     from flashomni_compile import reset_stats
     from flashomni_compile.runtime.stats import site_stats
