@@ -55,8 +55,17 @@ _LAYER_SITE: list[int] = []    # per index: the first index registered with an e
 def register_site(spec: SiteSpec) -> int:
     """Register a spec and return the index the graph passes to the ``site_*`` ops."""
     _SITES.append(spec)
-    _LAYER_SITE.append(next(i for i, other in enumerate(_SITES) if other == spec and other.options == spec.options))
+    _LAYER_SITE.append(next(i for i, other in enumerate(_SITES) if other == spec and _equal(other.options, spec.options)))
     return len(_SITES) - 1
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """``a == b`` as a bool; options whose comparison does not give one (tensors in policy arguments)
+    count as equal only to themselves."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 -- any failing comparison means "not known to be equal"
+        return a is b
 
 
 def layer_site(index: int) -> int:
