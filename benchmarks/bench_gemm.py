@@ -74,8 +74,8 @@ O_VARIANTS = {   # also the candidates for "c" (out_proj_cache)
     # tile and A/W ring depth; the other fields are the Triton kernel's, for the calls it declines
     "gluon_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 128, 4)),
     "gluon_s5": Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 128, 5)),
-    "gluon_64x256_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4)),   # the table's (sm_90)
-    "gluon_coop_128x256_s3": Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 256, 3)),   # cooperative
+    "gluon_64x256_s4": Config(128, 128, 64, 8, 8, 4, True, gluon=(64, 256, 4)),   # the table's until session 10
+    "gluon_coop_128x256_s3": Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 256, 3)),   # cooperative: the table's
 }
 PTR = Config(128, 128, 64, 8, 8, 3, False)   # the portable path, self-checked
 

@@ -219,8 +219,9 @@ class Config(NamedTuple):
 #      tiles with a 3-stage ring, least total time of the H200 sweep (17.99 ms vs 19.08 for 64x256 s4 and
 #      19.76 for 128x128 s4, all with the C tile loaded after the first ring fills; dense 0.856 vs 0.929
 #      ms, d = 0.125 0.210 vs 0.222; results/gemm_h200_coop.json). Before: 64x256 s4 (results/gemm_h200_gluon2.json).
-# Every sm90 entry compiles without spills on triton 3.6 and 3.9 for fp16/bf16/fp32 and D in {64, 72, 128}
-# (at most 192 KB of shared memory). "cpu" is the interpreter (tests): small tiles so that several
+# The Triton kernels of every sm90 entry compile without spills on triton 3.6 and 3.9 for fp16/bf16/fp32
+# and D in {64, 72, 128} (at most 192 KB of shared memory); the Gluon GEMM-O (208 KB at 128x256) has no
+# local-memory access in any innermost loop, 8-32 B saved at its entry (tests/test_gemm_sm90.py). "cpu" is the interpreter (tests): small tiles so that several
 # tiles, partial tiles and straddling heads occur at tiny sizes.
 CONFIGS = {
     ("sm90", "q"): Config(128, 256, 64, 8, 8, 4, True, split_n=True),

@@ -48,10 +48,9 @@ class LayerStats:
     def clear(self) -> None:
         """Zero the counters, times and density periods in place (CUDA-graph replays keep a reference
         to this object); ``cache_bytes`` and ``cache_order`` describe the layer's state and stay."""
-        self.updates = self.dispatches = self.sparse_updates = 0
-        self.update_s = self.dispatch_s = 0.0
-        self.periods = []
-        self.replayed_updates = self.replayed_dispatches = 0
+        fresh = LayerStats(self.site_name, self.site, self.anchor_ptr, cache_bytes=self.cache_bytes,
+                           cache_order=self.cache_order)
+        self.__dict__.update(vars(fresh))
 
     def count_update(self, sparse: bool = False, replayed: bool = False) -> None:
         """One update pass; ``sparse``: its attention ran on the kv-blocks in force (``sparse_updates``)."""
