@@ -63,6 +63,9 @@ Q_VARIANTS = {
     "tma_128x128x64_w8_s4": Config(128, 128, 64, 8, 8, 4, True),
     "tma_128x256x64_w8_s3_split": Config(128, 256, 64, 8, 8, 3, True, split_n=True),
     "tma_128x256x64_w8_s4_split": Config(128, 256, 64, 8, 8, 4, True, split_n=True),
+    # the persistent Gluon kernel (gemm_q_sm90.py: 128 x 256 units dealt by kind, 3-stage ring); the
+    # Triton fields are for the calls it declines
+    "gluon_128x256_s3": Config(128, 256, 64, 8, 8, 4, True, split_n=True, gluon=(128, 256, 3)),
 }
 O_VARIANTS = {   # also the candidates for "c" (out_proj_cache)
     "tma_128x128x64_w8_s4": Config(128, 128, 64, 8, 8, 4, True),

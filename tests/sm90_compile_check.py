@@ -2,6 +2,7 @@
 
     python tests/sm90_compile_check.py          # attention: one line per variant {"variant", "D", "regs", "spill", "shared"}
     python tests/sm90_compile_check.py gemm_o   # GEMM-O (gemm_o_sm90.py), the same fields and "loop_local"
+    python tests/sm90_compile_check.py gemm_q   # GEMM-Q (gemm_q_sm90.py), the same fields as gemm_o
     python tests/sm90_compile_check.py refresh  # the refresh pass (refresh.py, a Triton kernel), the same fields
     python tests/sm90_compile_check.py probe    # the in-loop spill check on a kernel that spills and one that does not
 
@@ -17,7 +18,7 @@ import sys
 import torch
 
 from flashomni_compile.kernels import attention_sm90 as G
-from flashomni_compile.kernels import gemm_o_sm90
+from flashomni_compile.kernels import gemm_o_sm90, gemm_q_sm90
 from flashomni_compile.kernels.sm90_compile import local_accesses_in_loops, resource_usage, sm90_target
 
 
@@ -83,6 +84,34 @@ def gemm_o_main() -> None:
     sys.stdout.flush()
 
 
+def gemm_q_main() -> None:
+    """Variants: with and without bias, D 64/128, fp16/bf16, a fused QKV weight (dense columns past
+    ``sparse_cols``); partial row and column units and B = 2 (specialisation only)."""
+    B, M, H = 2, 1000, 3
+    for bias_on, fused, D, dt in itertools.product((True, False), (False, True), (64, 128),
+                                                   (torch.bfloat16, torch.float16)):
+        K = 320
+        N = H * D * (3 if fused else 1)
+        x, w, y = torch.empty(B, M, K, dtype=dt), torch.empty(N, K, dtype=dt), torch.empty(B, M, N, dtype=dt)
+        keep = torch.empty(B, H, 9, dtype=torch.bool)
+        bias = torch.empty(N, dtype=dt) if bias_on else None
+        built = []
+        real_plan = gemm_q_sm90.plan
+        gemm_q_sm90.plan = lambda *a: (torch.empty(B * 8 * 3, dtype=torch.int32), torch.empty(1, dtype=torch.int32))
+        try:
+            with sm90_target():
+                gemm_q_sm90.gemm_q_sm90(x, w, bias, keep, y, D, 0, 128, H * D,
+                                        lambda kern, grid, *args, **kw: built.append(kern.warmup(*args, grid=grid, **kw)),
+                                        programs=4)
+        finally:
+            gemm_q_sm90.plan = real_plan
+        regs, spill = resource_usage(built[-1])
+        print(json.dumps(dict(variant=("bias" if bias_on else "nobias") + ("_qkv" if fused else ""), D=D,
+                              dtype=str(dt).split(".")[-1], regs=regs, loop_local=local_accesses_in_loops(built[-1]),
+                              spill=spill, shared=built[-1].metadata.shared)))
+    sys.stdout.flush()
+
+
 def refresh_main() -> None:
     """Variants: Taylor terms written 0 / 1 / 2, D 64 / 128 (and 40: padded to 64), bf16, a partial block."""
     from flashomni_compile.kernels import refresh
@@ -130,4 +159,4 @@ def probe_main() -> None:
 
 if __name__ == "__main__":
     mode = sys.argv[1:]
-    {"gemm_o": gemm_o_main, "refresh": refresh_main, "probe": probe_main}.get(mode[0] if mode else "", main)()
+    {"gemm_o": gemm_o_main, "gemm_q": gemm_q_main, "refresh": refresh_main, "probe": probe_main}.get(mode[0] if mode else "", main)()

@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import capability, cdiv, launch
+from . import gemm_q_sm90
+from .launch import GLUON_ON, capability, cdiv, launch
 
 try:  # host-side TMA descriptors (triton >= 3.4); the pointer path never needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -203,8 +204,9 @@ class Config(NamedTuple):
     num_stages: int
     tma: bool
     split_n: bool = False   # GEMM-Q: a tile whose two halves are not both kept runs as two half tiles
-    # GEMM-O on sm_90: (block_m, block_n, stages) of the warp-specialised Gluon kernel (gemm_o_sm90.py), run
-    # where it applies (its ``supports``); the fields above are the Triton kernel's for the other calls
+    # On sm_90: (block_m, block_n, stages) of the warp-specialised Gluon kernel (gemm_o_sm90.py for "o" and
+    # "c", gemm_q_sm90.py for "q": 128 x 256 units only), run where it applies (its ``supports``); the
+    # fields above are the Triton kernel's for the other calls
     gluon: tuple = ()
 
 
@@ -288,14 +290,22 @@ def setup(x: Tensor, n: int, out: Optional[Tensor], config: Optional[Config], ke
 # ---------------------------------------------------------------------------------------------------
 def sparse_linear_q_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], q_keep: Tensor, head_dim: int,
                            row_offset: int, block_q: int, sparse_cols: int, config: Optional[Config] = None,
-                           out: Optional[Tensor] = None) -> Tensor:
-    """Triton launcher (same contract as ``sparse_linear_q_ref``); ``config`` overrides the table,
-    ``out`` (``[B, M, N]``, any strides) receives the result instead of a new tensor."""
+                           out: Optional[Tensor] = None, programs: Optional[int] = None) -> Tensor:
+    """Launcher (same contract as ``sparse_linear_q_ref``); ``config`` overrides the table, ``out``
+    (``[B, M, N]``, any strides) receives the result instead of a new tensor. On sm_90, with
+    ``Config.gluon`` set, the calls ``gemm_q_sm90.supports`` takes run the persistent Gluon kernel
+    (``programs`` caps its grid; ``FLASHOMNI_GLUON=0`` turns it off), the others the Triton kernel here."""
     B, M, K = x.shape
     N = weight.shape[0]
     y, cfg, block_m, block_k, first, tiles_m = setup(x, N, out, config, "q", row_offset, block_q)
     if y.numel() == 0:
         return y
+    if cfg.gluon and GLUON_ON and gemm_q_sm90.supports(x, weight, bias, y, head_dim, row_offset, block_q):
+        if tuple(cfg.gluon[:2]) != (gemm_q_sm90.BLOCK_M, gemm_q_sm90.BLOCK_N):
+            raise ValueError(f"GEMM-Q's Gluon kernel has one unit shape, {gemm_q_sm90.BLOCK_M} x "
+                             f"{gemm_q_sm90.BLOCK_N}; Config.gluon asks for {cfg.gluon[0]} x {cfg.gluon[1]}")
+        return gemm_q_sm90.gemm_q_sm90(x, weight, bias, q_keep, y, head_dim, row_offset, block_q, sparse_cols, launch,
+                                       programs=programs, stages=cfg.gluon[2])
     keep = q_keep.view(torch.uint8)
     xa, wa, wh = x, weight, weight
     use_tma = cfg.tma
