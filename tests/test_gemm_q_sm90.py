@@ -2,11 +2,11 @@
 
 On CPU machines (CI) the kernel is compiled for sm_90 (``sm90_compile_check.py gemm_q``: within Hopper's
 shared memory, no local-memory access in any loop) and its plan (torch ops) is checked against a brute
-force. On a Hopper GPU the kernel runs against the float64 twin: fresh random inputs, NaN-poisoned
+force (in the interpreter). On a Hopper GPU the kernel runs against the float64 twin: fresh random inputs, NaN-poisoned
 outputs (every element must be written: computed, or exactly zero where skipped), partial row and column
-units, a reduction that is not a multiple of 64, B > 1, row offsets, 64-wide heads (kept and skipped
+blocks, a reduction that is not a multiple of 64, B > 1, row offsets, 64-wide heads (kept and skipped
 heads inside one computed half), fused QKV weights (dense columns), all-kept and all-cached symbols, no
-bias, and grids of 1-3 programs so that each program walks many units of every kind.
+bias, and grids of 1-3 programs so that each program walks many items of every kind.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from conftest import REL_TOL, SM90_SMEM_LIMIT, rel_err, sm90_compile_rows
 from flashomni_compile.kernels import gemm_q, gemm_q_sm90
 from flashomni_compile.kernels.gemm_q import Config
+from flashomni_compile.kernels.launch import launch
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 GLUON = Config(128, 256, 64, 8, 8, 4, True, split_n=True, gluon=(128, 256, 3))
@@ -28,62 +29,52 @@ ENTRY_SPILL = 32          # as for GEMM-O (test_gemm_sm90.py): values saved once
 @pytest.mark.skipif(not gemm_q_sm90.AVAILABLE, reason="this triton has no Gluon")
 def test_compiles_for_sm90():
     rows = sm90_compile_rows("gemm_q")
-    assert len(rows) == 16
+    assert len(rows) == 32       # 16 variants, each a plan (Triton) and a GEMM (Gluon) kernel
     for r in rows:
         assert r["loop_local"] == 0, f"local memory inside a loop: {r}"
         assert r["spill"] <= ENTRY_SPILL, f"register spill: {r}"
         assert r["shared"] <= SM90_SMEM_LIMIT, f"over sm_90's shared memory: {r}"
 
 
-def _swizzled(t, tiles_m, tiles_n, group_m):
-    """Swizzled unit id -> (b, tile_m, tile_n): the GROUP_M order of Triton's tutorial 03."""
-    b, r = divmod(t, tiles_m * tiles_n)
-    in_group = group_m * tiles_n
-    first_m = (r // in_group) * group_m
-    size_m = min(tiles_m - first_m, group_m)
-    return b, first_m + (r % in_group) % size_m, (r % in_group) // size_m
-
-
 @pytest.mark.parametrize("B, M, H, D, fused, N_pad, off, bq, density", [
-    (1, 1000, 4, 128, False, 0, 0, 128, 0.5),      # partial last row unit
-    (2, 700, 5, 64, False, 0, 256, 256, 0.3),      # 64-wide heads, offset rows, q-blocks of 256
-    (1, 900, 3, 128, True, 0, 128, 128, 0.25),     # fused QKV: dense columns past sparse_cols
-    (2, 300, 5, 64, False, 64, 0, 128, 0.5),       # dense columns past the sparse ones, a half past N
-    (1, 512, 4, 128, False, 0, 0, 128, 0.0),       # all cached: nothing computed
-    (1, 512, 4, 128, True, 0, 0, 128, 1.0),        # all kept
+    (1, 1000, 4, 128, False, 0, 0, 128, 0.5),      # partial last row block
+    (2, 700, 5, 64, False, 0, 256, 256, 0.3),      # 64-wide heads (two a half), offset rows, q-blocks of 256
+    (1, 900, 3, 128, True, 0, 128, 128, 0.25),     # fused QKV: dense halves past sparse_cols
+    (2, 300, 5, 64, False, 64, 0, 128, 0.5),       # a half of one head and dense columns, N % 128 != 0
+    (1, 512, 4, 128, False, 0, 0, 128, 0.0),       # all cached: zero items only
+    (1, 512, 4, 128, True, 0, 0, 128, 1.0),        # all kept: the full items are a GEMM's 128 x 256 tiles
+    (3, 4000, 24, 128, False, 0, 0, 128, 0.125),   # more row blocks than one chunk of the plan
 ])
-def test_plan_deals_units_by_kind(B, M, H, D, fused, N_pad, off, bq, density):
+def test_plan_pairs_kept_halves_per_row_block(B, M, H, D, fused, N_pad, off, bq, density):
     g = torch.Generator().manual_seed(B * M + H + D)
     sparse_cols = H * D
     N = sparse_cols * (3 if fused else 1) + N_pad
     nqb = (off + M + bq - 1) // bq
     keep = torch.rand(B, H, nqb, generator=g) < density
-    tiles_m, tiles_n = (M + 127) // 128, (N + 255) // 256
+    tiles_m, nh = (M + 127) // 128, (N + 127) // 128
     first = off // 128
-    order, n_comp = gemm_q_sm90.plan(keep, tiles_m, tiles_n, first, bq, D, sparse_cols, N)
-    assert order.dtype == torch.int32 and n_comp.dtype == torch.int32 and n_comp.shape == (1,)
-    units = B * tiles_m * tiles_n
-    assert sorted(order.tolist()) == list(range(units))
+    items, counts, cap_full, cap_single = gemm_q_sm90.plan(keep.view(torch.uint8), B, tiles_m, first, bq, D,
+                                                          sparse_cols, N, launch)
+    n_full, n_single, n_zero = counts.tolist()
+    full = [(c >> 16, (c >> 8) & 255, c & 255) for c in items[:n_full].tolist()]
+    single = [(c >> 16, (c >> 8) & 255, c & 255) for c in items[cap_full:cap_full + n_single].tolist()]
+    zero = [(c >> 16, (c >> 8) & 255, c & 255) for c in items[cap_full + cap_single:][:n_zero].tolist()]
 
-    def kind(t):   # brute force: a half computes when any of its columns is kept
-        b, tm, tn = _swizzled(t, tiles_m, tiles_n, gemm_q_sm90.GROUP_M)
+    # brute force: a half is kept when any of its columns is; each row block's kept halves are paired in
+    # column order, an odd last one is a single item, the unkept ones are zero items; row-block order
+    want_full, want_single, want_zero = [], [], []
+    for rb in range(B * tiles_m):
+        b, tm = divmod(rb, tiles_m)
         qb = ((first + tm) * 128) // bq
-        halves = []
-        for h in range(2):
-            cols = range(tn * 256 + h * 128, tn * 256 + h * 128 + 128)
-            halves.append(any(bool(keep[b, c // D, qb]) if c < sparse_cols else c < N for c in cols))
-        return sum(halves)
-
-    kinds = [kind(t) for t in order.tolist()]
-    assert kinds == sorted(kinds, reverse=True), "computed units first, the widest first"
-    assert int(n_comp) == sum(k > 0 for k in kinds)
-    for k in (0, 1, 2):    # stable: each kind in swizzled order
-        ids = [t for t, kk in zip(order.tolist(), kinds) if kk == k]
-        assert ids == sorted(ids)
-    if density == 0.0 and not fused:
-        assert int(n_comp) == 0
-    if density == 1.0 and N % 256 == 0:
-        assert set(kinds) == {2}
+        kept = [h for h in range(nh) if any(bool(keep[b, c // D, qb]) if c < sparse_cols else c < N
+                                            for c in range(h * 128, h * 128 + 128))]
+        want_full += [(rb, kept[i], kept[i + 1]) for i in range(0, len(kept) - 1, 2)]
+        want_single += [(rb, kept[-1], 255)] if len(kept) % 2 else []
+        want_zero += [(rb, h, 255) for h in range(nh) if h not in kept]
+    assert (full, single, zero) == (want_full, want_single, want_zero)
+    assert n_full <= cap_full and n_single <= cap_single
+    if density == 1.0 and nh % 2 == 0:
+        assert full == [(rb, h, h + 1) for rb in range(B * tiles_m) for h in range(0, nh, 2)]
 
 
 def test_supports_declines_what_the_kernel_does_not_cover():
