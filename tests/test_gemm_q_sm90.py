@@ -51,6 +51,8 @@ def test_plan_pairs_kept_halves_per_row_block(B, M, H, D, fused, N_pad, off, bq,
     N = sparse_cols * (3 if fused else 1) + N_pad
     nqb = (off + M + bq - 1) // bq
     keep = torch.rand(B, H, nqb, generator=g) < density
+    if torch.cuda.is_available():   # the plan kernel runs where the interpreter is off: on the GPU
+        keep = keep.cuda()
     tiles_m, nh = (M + 127) // 128, (N + 127) // 128
     first = off // 128
     items, counts, cap_full, cap_single = gemm_q_sm90.plan(keep.view(torch.uint8), B, tiles_m, first, bq, D,
@@ -63,18 +65,27 @@ def test_plan_pairs_kept_halves_per_row_block(B, M, H, D, fused, N_pad, off, bq,
     # brute force: a half is kept when any of its columns is; each row block's kept halves are paired in
     # column order, an odd last one is a single item, the unkept ones are zero items; row-block order
     want_full, want_single, want_zero = [], [], []
+    keep_host = keep.cpu()
     for rb in range(B * tiles_m):
         b, tm = divmod(rb, tiles_m)
         qb = ((first + tm) * 128) // bq
-        kept = [h for h in range(nh) if any(bool(keep[b, c // D, qb]) if c < sparse_cols else c < N
+        kept = [h for h in range(nh) if any(bool(keep_host[b, c // D, qb]) if c < sparse_cols else c < N
                                             for c in range(h * 128, h * 128 + 128))]
         want_full += [(rb, kept[i], kept[i + 1]) for i in range(0, len(kept) - 1, 2)]
         want_single += [(rb, kept[-1], 255)] if len(kept) % 2 else []
         want_zero += [(rb, h, 255) for h in range(nh) if h not in kept]
-    assert (full, single, zero) == (want_full, want_single, want_zero)
+    # the plan's programs append their runs in the order of their atomics: compare as sets, and each
+    # run of 16 row blocks in row-block order
+    assert (sorted(full), sorted(single), sorted(zero)) == (want_full, want_single, want_zero)
+    for got in (full, single, zero):
+        runs = {}
+        for item in got:
+            runs.setdefault(item[0] // 16, []).append(item)
+        assert all(run == sorted(run) for run in runs.values())
+        assert [item for run in sorted(runs.values(), key=lambda r: got.index(r[0])) for item in run] == got
     assert n_full <= cap_full and n_single <= cap_single
     if density == 1.0 and nh % 2 == 0:
-        assert full == [(rb, h, h + 1) for rb in range(B * tiles_m) for h in range(0, nh, 2)]
+        assert sorted(full) == [(rb, h, h + 1) for rb in range(B * tiles_m) for h in range(0, nh, 2)]
 
 
 def test_supports_declines_what_the_kernel_does_not_cover():

@@ -17,8 +17,8 @@ M = 33792: 0.24 ms at d = 0.125 against ~0.10 ms of kept work at the dense rate)
   paired in column order into *full items* (two halves, any two columns: one 128 x 256 reduction over
   the shared x rows), an odd one left is a *single item* (128 x 128), and every other half is a *zero
   item*. In a dense call the full items are the 128 x 256 tiles of a plain GEMM.
-* **The plan** (``_plan_kernel``, one Triton program on the device, no host sync): the three item lists,
-  each in row-block order, and their lengths.
+* **The plan** (``_plan_kernel``, a small Triton kernel on the device, no host sync): the three item
+  lists and their lengths, 16 row blocks a program, each program's run of items in row-block order.
 * **The deal.** The computed items, full ones first, are dealt to the P programs like cards in snake
   order: computed position ``r * P + lane`` goes to program ``lane`` on even rounds ``r`` and to
   ``P - 1 - lane`` on odd ones, so a program that got a full item in one round gets one of the last
@@ -27,9 +27,9 @@ M = 33792: 0.24 ms at d = 0.125 against ~0.10 ms of kept work at the dense rate)
   The zero items are dealt plainly.
 * ``_loader`` (1 warp): for each computed item of the program, the x slice and the item's one or two W
   slices (two halves anywhere in W: one TMA copy each) of every 64-wide reduction step into a ring of
-  ``STAGES`` buffers.
-* ``_zero_writer`` (1 warp): the program's zero items, by TMA stores from a 64 x 128 shared buffer of
-  zeros, beside the reductions (it waits for nothing but the store queue).
+  ``STAGES`` buffers; after each item's fills, that round's share of the program's zero items, by TMA
+  stores from a 64 x 128 shared buffer of zeros (spread so that they share the DRAM with the x reads
+  rather than hold it first).
 * ``_consumer`` x 2 (4 warps each), cooperative: consumer ``X`` computes rows ``64 X .. 64 X + 63`` of
   every computed item (a 64 x 256 or 64 x 128 accumulator), adds the bias, zeroes the columns of unkept
   64-wide segments inside a kept half (64-wide heads), and stores each half through its shared buffer.
@@ -105,46 +105,40 @@ def _seg_keep(KEEP, b, qb, c0, inside, N, SPARSE_COLS, stride_kb, stride_kh, str
 def _plan_kernel(KEEP, ITEMS, COUNTS, R, tiles_m, FIRST_TILE, NH, N, SPARSE_COLS, CAP_FULL, CAP_SINGLE,
                  stride_kb, stride_kh, stride_kq, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
                  ROWS: tl.constexpr, NH_P2: tl.constexpr):
-    """One program, ROWS row blocks at a time: ``ITEMS[0:]`` full items, ``ITEMS[CAP_FULL:]`` single
-    items, ``ITEMS[CAP_FULL + CAP_SINGLE:]`` zero items, each in row-block order; ``COUNTS`` their lengths.
-    Item code: ``row_block << 16 | first_half << 8 | second_half`` (``NONE`` for a single or zero item)."""
+    """ROWS row blocks a program: their items appended to ``ITEMS[0:]`` (full items),
+    ``ITEMS[CAP_FULL:]`` (single items) and ``ITEMS[CAP_FULL + CAP_SINGLE:]`` (zero items), each run of
+    a program's items in row-block order at a place reserved by an atomic add on the list's length in
+    ``COUNTS`` (zeroed by the caller). The order of the programs' runs is the order of their atomics;
+    it changes which SM computes an item, never a value. Item code: ``row_block << 16 | first_half << 8
+    | second_half`` (``NONE`` for a single or zero item)."""
     h = tl.arange(0, NH_P2)[None, :]
-    n_full = 0
-    n_single = 0
-    n_zero = 0
-    for r0 in range(0, R, ROWS):
-        rows = r0 + tl.arange(0, ROWS)[:, None]
-        b = rows // tiles_m
-        qb = ((FIRST_TILE + rows - b * tiles_m) * 128) // BLOCK_Q
-        inside = (rows < R) & (h < NH)
-        kept = (_seg_keep(KEEP, b, qb, h * 128, inside, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
-                | _seg_keep(KEEP, b, qb, h * 128 + 64, inside, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq,
-                            HEAD_DIM))
-        rank = tl.cumsum(kept.to(tl.int32), axis=1) - 1          # of a kept half among its row's kept halves
-        cnt1 = tl.sum(kept.to(tl.int32), axis=1)                # per row
-        pairs1, odd1 = cnt1 // 2, cnt1 % 2
-        zeros1 = tl.where(r0 + tl.arange(0, ROWS) < R, NH - cnt1, 0)
-        cnt = cnt1[:, None]
-        # each row's first item in each list: the exclusive prefix sum over the rows before it
-        at_full = (n_full + tl.cumsum(pairs1, axis=0) - pairs1)[:, None]
-        at_single = (n_single + tl.cumsum(odd1, axis=0) - odd1)[:, None]
-        at_zero = (n_zero + tl.cumsum(zeros1, axis=0) - zeros1)[:, None]
-        # the next kept half after each kept one: the second least of the kept indices from it on
-        _, nxt = tl.associative_scan((tl.where(kept, h, NH_P2), tl.full(kept.shape, NH_P2, tl.int32)), 1,
-                                     _two_least, reverse=True)
-        code = (rows << 16) | (h << 8)
-        starts = kept & (rank % 2 == 0)
-        full = starts & (rank + 1 < cnt)
-        tl.store(ITEMS + at_full + rank // 2, code | nxt, mask=full)
-        tl.store(ITEMS + CAP_FULL + at_single + 0 * h, code | 255, mask=starts & ~full)   # one a row at most
-        # an unkept half's place among its row's unkept halves: h minus the kept ones before it
-        tl.store(ITEMS + CAP_FULL + CAP_SINGLE + at_zero + (h - rank - 1), code | 255, mask=inside & ~kept)
-        n_full += tl.sum(pairs1, axis=0)
-        n_single += tl.sum(odd1, axis=0)
-        n_zero += tl.sum(zeros1, axis=0)
-    tl.store(COUNTS, n_full)
-    tl.store(COUNTS + 1, n_single)
-    tl.store(COUNTS + 2, n_zero)
+    rows1 = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = rows1[:, None]
+    b = rows // tiles_m
+    qb = ((FIRST_TILE + rows - b * tiles_m) * 128) // BLOCK_Q
+    inside = (rows < R) & (h < NH)
+    kept = (_seg_keep(KEEP, b, qb, h * 128, inside, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
+            | _seg_keep(KEEP, b, qb, h * 128 + 64, inside, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq,
+                        HEAD_DIM))
+    rank = tl.cumsum(kept.to(tl.int32), axis=1) - 1          # of a kept half among its row's kept halves
+    cnt1 = tl.sum(kept.to(tl.int32), axis=1)                # per row
+    pairs1, odd1 = cnt1 // 2, cnt1 % 2
+    zeros1 = tl.where(rows1 < R, NH - cnt1, 0)
+    cnt = cnt1[:, None]
+    # each row's first item in each list: the program's reserved place plus the rows before it
+    at_full = (tl.atomic_add(COUNTS, tl.sum(pairs1, axis=0)) + tl.cumsum(pairs1, axis=0) - pairs1)[:, None]
+    at_single = (tl.atomic_add(COUNTS + 1, tl.sum(odd1, axis=0)) + tl.cumsum(odd1, axis=0) - odd1)[:, None]
+    at_zero = (tl.atomic_add(COUNTS + 2, tl.sum(zeros1, axis=0)) + tl.cumsum(zeros1, axis=0) - zeros1)[:, None]
+    # the next kept half after each kept one: the second least of the kept indices from it on
+    _, nxt = tl.associative_scan((tl.where(kept, h, NH_P2), tl.full(kept.shape, NH_P2, tl.int32)), 1,
+                                 _two_least, reverse=True)
+    code = (rows << 16) | (h << 8)
+    starts = kept & (rank % 2 == 0)
+    full = starts & (rank + 1 < cnt)
+    tl.store(ITEMS + at_full + rank // 2, code | nxt, mask=full)
+    tl.store(ITEMS + CAP_FULL + at_single + 0 * h, code | 255, mask=starts & ~full)   # one a row at most
+    # an unkept half's place among its row's unkept halves: h minus the kept ones before it
+    tl.store(ITEMS + CAP_FULL + CAP_SINGLE + at_zero + (h - rank - 1), code | 255, mask=inside & ~kept)
 
 
 def plan(q_keep: Tensor, batch: int, tiles_m: int, first: int, block_q: int, head_dim: int, sparse_cols: int,
@@ -153,11 +147,12 @@ def plan(q_keep: Tensor, batch: int, tiles_m: int, first: int, block_q: int, hea
     R, nh = batch * tiles_m, cdiv(n, HALF)
     cap_full, cap_single = R * (nh // 2), R
     items = torch.empty(cap_full + cap_single + R * nh, dtype=torch.int32, device=q_keep.device)
-    counts = torch.empty(3, dtype=torch.int32, device=q_keep.device)
+    counts = torch.zeros(3, dtype=torch.int32, device=q_keep.device)
     nh_p2 = triton.next_power_of_2(nh)
-    launch(_plan_kernel, (1,), q_keep, items, counts, R, tiles_m, first, nh, n, sparse_cols, cap_full, cap_single,
-           q_keep.stride(0), q_keep.stride(1), q_keep.stride(2), HEAD_DIM=head_dim, BLOCK_Q=block_q,
-           ROWS=max(1, min(128, 4096 // nh_p2)), NH_P2=nh_p2, num_warps=4)
+    rows = max(1, min(16, 2048 // nh_p2))
+    launch(_plan_kernel, (cdiv(R, rows),), q_keep, items, counts, R, tiles_m, first, nh, n, sparse_cols, cap_full,
+           cap_single, q_keep.stride(0), q_keep.stride(1), q_keep.stride(2), HEAD_DIM=head_dim, BLOCK_Q=block_q,
+           ROWS=rows, NH_P2=nh_p2, num_warps=4)
     return items, counts, cap_full, cap_single
 
 
@@ -189,6 +184,23 @@ if AVAILABLE:
         return ((kv != 0) & sparse) | ((c0 >= SPARSE_COLS) & (c0 < N))
 
     @gluon.jit
+    def _zeros(desc_y, zero_smem, ITEMS, base, zc, zi, z_to, pid, P, my_zero, tiles_m, FIRST_TILE,
+               BLOCK_Q: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr):
+        """The program's zero items ``zi .. z_to - 1``: two 64-row TMA stores of the zero buffer each. Their
+        codes come 32 at a time (``zc``, one per lane, loaded as a vector). Returns ``(zc, z_to)``."""
+        lanes: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        offs = gl.arange(0, 32, layout=lanes)
+        ROWS: gl.constexpr = desc_y.block_type.shape[1]
+        for i in range(zi, z_to):
+            if (i % 32 == 0) & (i > 0):
+                zc = gl.load(base + pid + (i + offs) * P, mask=i + offs < my_zero, other=0)
+            code = gl.sum(gl.where(offs == i % 32, zc, 0), axis=0)
+            b, _, m0, ha, _ = _decode(code, tiles_m, FIRST_TILE, BLOCK_Q)
+            for x in gl.static_range(BLOCK_M // ROWS):
+                _tma_store(desc_y, [b.to(gl.int32), m0 + x * ROWS, ha * HALF], zero_smem)
+        return zc, z_to
+
+    @gluon.jit
     def _loader(args, HAS_BIAS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr,
                 STAGES: gl.constexpr):
         (desc_x, desc_w, desc_y, BIAS, KEEP, ITEMS, COUNTS, N, K, SPARSE_COLS, FIRST_TILE, tiles_m, CAP_FULL,
@@ -200,12 +212,22 @@ if AVAILABLE:
         HALF: gl.constexpr = desc_w.block_type.shape[0]
         x_bytes: gl.constexpr = BLOCK_M * BLOCK_K * desc_x.dtype.primitive_bitwidth // 8
         w_bytes: gl.constexpr = HALF * BLOCK_K * desc_x.dtype.primitive_bitwidth // 8
+        lanes: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        offs = gl.arange(0, 32, layout=lanes)
         pid = gl.program_id(0)
         P = gl.num_programs(0)
         n_full = gl.load(COUNTS)
         n_comp = n_full + gl.load(COUNTS + 1)
+        rounds = gl.cdiv(n_comp, P)
+        # The zero items (deal positions pid + i P of their list) are spread over the rounds, each round's
+        # share after its item's fills: all at once they would hold the DRAM for their whole write time
+        # while the reductions wait for x (H200, d = 0.125: 44 us added to 150).
+        base = ITEMS + CAP_FULL + CAP_SINGLE
+        my_zero = gl.maximum(gl.cdiv(gl.load(COUNTS + 2) - pid, P), 0)
+        zc = gl.load(base + pid + offs * P, mask=offs < my_zero, other=0)
+        zi = 0
         cnt = 0
-        for r in range(gl.cdiv(n_comp, P)):
+        for r in range(rounds):
             pos = _dealt(r, pid, P)
             if pos < n_comp:
                 b, _, m0, ha, hb = _decode(_computed(ITEMS, pos, n_full, n_comp, CAP_FULL), tiles_m, FIRST_TILE,
@@ -228,31 +250,10 @@ if AVAILABLE:
                         _tma_load(desc_x, [bi, m0, k0], ready.index(s), a_smem.index(s))
                         _tma_load(desc_w, [ha * HALF, k0], ready.index(s), w_smem.index(s).slice(0, HALF))
                         cnt += 1
-
-    @gluon.jit
-    def _zero_writer(args, HAS_BIAS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr,
-                     STAGES: gl.constexpr):
-        (desc_x, desc_w, desc_y, BIAS, KEEP, ITEMS, COUNTS, N, K, SPARSE_COLS, FIRST_TILE, tiles_m, CAP_FULL,
-         CAP_SINGLE, stride_kb, stride_kh, stride_kq, smem, bars) = args
-        a_smem, w_smem, y_smem, zero_smem = smem
-        BLOCK_M: gl.constexpr = desc_x.block_type.shape[1]
-        HALF: gl.constexpr = desc_w.block_type.shape[0]
-        ROWS: gl.constexpr = desc_y.block_type.shape[1]
-        lanes: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-        offs = gl.arange(0, 32, layout=lanes)
-        pid = gl.program_id(0)
-        P = gl.num_programs(0)
-        n_zero = gl.load(COUNTS + 2)
-        mine = gl.maximum(gl.cdiv(n_zero - pid, P), 0)    # zero items pid, pid + P, ...
-        base = ITEMS + CAP_FULL + CAP_SINGLE
-        for i0 in range(0, mine, 32):
-            # 32 codes at a time (one load, one per lane), then their stores one by one
-            codes = gl.load(base + pid + (i0 + offs) * P, mask=i0 + offs < mine, other=0)
-            for i in range(0, gl.minimum(mine - i0, 32)):
-                code = gl.sum(gl.where(offs == i, codes, 0), axis=0)
-                b, _, m0, ha, _ = _decode(code, tiles_m, FIRST_TILE, BLOCK_Q)
-                for x in gl.static_range(BLOCK_M // ROWS):
-                    _tma_store(desc_y, [b.to(gl.int32), m0 + x * ROWS, ha * HALF], zero_smem)
+            zc, zi = _zeros(desc_y, zero_smem, ITEMS, base, zc, zi, ((r + 1) * my_zero) // rounds, pid, P, my_zero,
+                            tiles_m, FIRST_TILE, BLOCK_Q, BLOCK_M, HALF)
+        zc, zi = _zeros(desc_y, zero_smem, ITEMS, base, zc, zi, my_zero, pid, P, my_zero, tiles_m, FIRST_TILE,
+                        BLOCK_Q, BLOCK_M, HALF)
         tma.store_wait(0)
 
     @gluon.jit
@@ -389,8 +390,7 @@ if AVAILABLE:
             (_consumer, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES, 0)),
             (_consumer, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES, 1)),
             (_loader, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES)),
-            (_zero_writer, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES)),
-        ], [4, 1, 1], [232, 40, 40])
+        ], [4, 1], [232, 40])
 
 
 def _descriptor(t: Tensor, block: list[int]):
@@ -417,8 +417,7 @@ def gemm_q_sm90(x: Tensor, weight: Tensor, bias: Optional[Tensor], q_keep: Tenso
         desc_x, desc_w, desc_y, bias if bias is not None else y, keep, items, counts,
         N, K, sparse_cols, first, tiles_m, cap_full, cap_single, keep.stride(0), keep.stride(1), keep.stride(2),
         HAS_BIAS=bias is not None, HEAD_DIM=head_dim, BLOCK_Q=block_q, STAGES=stages,
-        # 4 warps here (consumer 0) + 4 (consumer 1) + the loader's and the zero writer's warps (with 2
-        # idle ones, a warpgroup): registers redistributed to 232 / 232 / 40 / 40 a thread
+        # 4 warps here (consumer 0) + 4 (consumer 1) + 1 loader warp: registers redistributed to 232 / 232 / 40
         num_warps=4, maxnreg=168,
     )
     return y
