@@ -67,6 +67,7 @@ SEG = 64        # keep granularity inside a half: head dims are multiples of it
 BLOCK_K = 64
 STAGES = 3      # ring of x + W slices, 3 x 48 KB, + 2 x 32 KB output buffers + 16 KB of zeros = 224 KB
 NONE = 255      # the second half of a single item
+ZERO_TMA = False    # zero items by TMA stores (True) or by plain evict-first stores from the loader warp
 MAX_HALVES = NONE   # halves a row can have (the item code keeps a half index in 8 bits): N <= 32640
 
 
@@ -184,27 +185,41 @@ if AVAILABLE:
         return ((kv != 0) & sparse) | ((c0 >= SPARSE_COLS) & (c0 < N))
 
     @gluon.jit
-    def _zeros(desc_y, zero_smem, ITEMS, base, zc, zi, z_to, pid, P, my_zero, tiles_m, FIRST_TILE,
-               BLOCK_Q: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr):
-        """The program's zero items ``zi .. z_to - 1``: two 64-row TMA stores of the zero buffer each. Their
-        codes come 32 at a time (``zc``, one per lane, loaded as a vector). Returns ``(zc, z_to)``."""
+    def _zeros(desc_y, zero_smem, Y, M, N, stride_yb, stride_ym, stride_yn, base, zc, zi, z_to, pid, P, my_zero,
+               tiles_m, FIRST_TILE, BLOCK_Q: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
+               ZERO_TMA: gl.constexpr):
+        """The program's zero items ``zi .. z_to - 1``; their codes come 32 at a time (``zc``, one per lane,
+        loaded as a vector). Returns ``(zc, z_to)``. ZERO_TMA: two 64-row TMA stores of the zero buffer an
+        item; else plain stores marked evict-first, 4 rows a store, so that the zeros do not push x and W
+        out of L2."""
         lanes: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         offs = gl.arange(0, 32, layout=lanes)
         ROWS: gl.constexpr = desc_y.block_type.shape[1]
+        rl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])
+        r4 = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(1, rl)), 1)
+        c = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, rl)), 0)
+        z = gl.zeros([4, HALF], Y.dtype.element_ty, layout=rl)
         for i in range(zi, z_to):
             if (i % 32 == 0) & (i > 0):
                 zc = gl.load(base + pid + (i + offs) * P, mask=i + offs < my_zero, other=0)
             code = gl.sum(gl.where(offs == i % 32, zc, 0), axis=0)
             b, _, m0, ha, _ = _decode(code, tiles_m, FIRST_TILE, BLOCK_Q)
-            for x in gl.static_range(BLOCK_M // ROWS):
-                _tma_store(desc_y, [b.to(gl.int32), m0 + x * ROWS, ha * HALF], zero_smem)
+            if ZERO_TMA:
+                for x in gl.static_range(BLOCK_M // ROWS):
+                    _tma_store(desc_y, [b.to(gl.int32), m0 + x * ROWS, ha * HALF], zero_smem)
+            else:
+                col_ok = ha * HALF + c < N
+                Yrow = Y + b.to(gl.int64) * stride_yb + (m0.to(gl.int64) * stride_ym + ha * HALF)
+                for r0 in range(0, BLOCK_M, 4):
+                    gl.store(Yrow + (r0 + r4) * stride_ym + c, z, mask=(m0 + r0 + r4 < M) & col_ok,
+                             cache_modifier=".cs")
         return zc, z_to
 
     @gluon.jit
     def _loader(args, HAS_BIAS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr,
-                STAGES: gl.constexpr):
+                STAGES: gl.constexpr, ZERO_TMA: gl.constexpr):
         (desc_x, desc_w, desc_y, BIAS, KEEP, ITEMS, COUNTS, N, K, SPARSE_COLS, FIRST_TILE, tiles_m, CAP_FULL,
-         CAP_SINGLE, stride_kb, stride_kh, stride_kq, smem, bars) = args
+         CAP_SINGLE, stride_kb, stride_kh, stride_kq, Y, M, stride_yb, stride_ym, stride_yn, smem, bars) = args
         a_smem, w_smem, y_smem, zero_smem = smem
         ready, empty = bars
         BLOCK_M: gl.constexpr = desc_x.block_type.shape[1]
@@ -250,10 +265,11 @@ if AVAILABLE:
                         _tma_load(desc_x, [bi, m0, k0], ready.index(s), a_smem.index(s))
                         _tma_load(desc_w, [ha * HALF, k0], ready.index(s), w_smem.index(s).slice(0, HALF))
                         cnt += 1
-            zc, zi = _zeros(desc_y, zero_smem, ITEMS, base, zc, zi, ((r + 1) * my_zero) // rounds, pid, P, my_zero,
-                            tiles_m, FIRST_TILE, BLOCK_Q, BLOCK_M, HALF)
-        zc, zi = _zeros(desc_y, zero_smem, ITEMS, base, zc, zi, my_zero, pid, P, my_zero, tiles_m, FIRST_TILE,
-                        BLOCK_Q, BLOCK_M, HALF)
+            zc, zi = _zeros(desc_y, zero_smem, Y, M, N, stride_yb, stride_ym, stride_yn, base, zc, zi,
+                            ((r + 1) * my_zero) // rounds, pid, P, my_zero, tiles_m, FIRST_TILE, BLOCK_Q, BLOCK_M,
+                            HALF, ZERO_TMA)
+        zc, zi = _zeros(desc_y, zero_smem, Y, M, N, stride_yb, stride_ym, stride_yn, base, zc, zi, my_zero, pid, P,
+                        my_zero, tiles_m, FIRST_TILE, BLOCK_Q, BLOCK_M, HALF, ZERO_TMA)
         tma.store_wait(0)
 
     @gluon.jit
@@ -316,7 +332,7 @@ if AVAILABLE:
     def _consumer(args, HAS_BIAS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr,
                   STAGES: gl.constexpr, X: gl.constexpr):
         (desc_x, desc_w, desc_y, BIAS, KEEP, ITEMS, COUNTS, N, K, SPARSE_COLS, FIRST_TILE, tiles_m, CAP_FULL,
-         CAP_SINGLE, stride_kb, stride_kh, stride_kq, smem, bars) = args
+         CAP_SINGLE, stride_kb, stride_kh, stride_kq, Y, M, stride_yb, stride_ym, stride_yn, smem, bars) = args
         a_smem, w_smem, y_smem, zero_smem = smem
         ready, empty = bars
         BLOCK_K: gl.constexpr = desc_x.block_type.shape[2]
@@ -366,9 +382,9 @@ if AVAILABLE:
     @gluon.jit
     def _gemm_q_sm90_kernel(desc_x, desc_w, desc_y, BIAS, KEEP, ITEMS, COUNTS,
                             N, K, SPARSE_COLS, FIRST_TILE, tiles_m, CAP_FULL, CAP_SINGLE,
-                            stride_kb, stride_kh, stride_kq,
+                            stride_kb, stride_kh, stride_kq, Y, M, stride_yb, stride_ym, stride_yn,
                             HAS_BIAS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr,
-                            STAGES: gl.constexpr, num_warps: gl.constexpr):
+                            STAGES: gl.constexpr, ZERO_TMA: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = desc_x.dtype
         HALF: gl.constexpr = desc_w.block_type.shape[0]
         a_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_x.block_type.shape, desc_x.layout)
@@ -384,12 +400,12 @@ if AVAILABLE:
         zero_smem.store(gl.zeros([1, 64, 128], dtype, layout=zl))     # desc_y.block_type.shape
         fence_async_shared()
         args = (desc_x, desc_w, desc_y, BIAS, KEEP, ITEMS, COUNTS, N, K, SPARSE_COLS, FIRST_TILE, tiles_m,
-                CAP_FULL, CAP_SINGLE, stride_kb, stride_kh, stride_kq, (a_smem, w_smem, y_smem, zero_smem),
-                (ready, empty))
+                CAP_FULL, CAP_SINGLE, stride_kb, stride_kh, stride_kq, Y, M, stride_yb, stride_ym, stride_yn,
+                (a_smem, w_smem, y_smem, zero_smem), (ready, empty))
         gl.warp_specialize([
             (_consumer, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES, 0)),
             (_consumer, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES, 1)),
-            (_loader, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES)),
+            (_loader, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES, ZERO_TMA)),
         ], [4, 1], [232, 40])
 
 
@@ -400,7 +416,7 @@ def _descriptor(t: Tensor, block: list[int]):
 
 def gemm_q_sm90(x: Tensor, weight: Tensor, bias: Optional[Tensor], q_keep: Tensor, y: Tensor, head_dim: int,
                 row_offset: int, block_q: int, sparse_cols: int, launch, *, programs: Optional[int] = None,
-                stages: int = STAGES) -> Tensor:
+                stages: int = STAGES, zero_tma: bool = ZERO_TMA) -> Tensor:
     """Plan and launch the Gluon kernel into ``y`` (allocated by the caller); ``q_keep`` is the bool symbol
     tensor. ``programs`` caps the grid (default: one program per SM)."""
     B, M, K = x.shape
@@ -416,7 +432,8 @@ def gemm_q_sm90(x: Tensor, weight: Tensor, bias: Optional[Tensor], q_keep: Tenso
         _gemm_q_sm90_kernel, grid,
         desc_x, desc_w, desc_y, bias if bias is not None else y, keep, items, counts,
         N, K, sparse_cols, first, tiles_m, cap_full, cap_single, keep.stride(0), keep.stride(1), keep.stride(2),
-        HAS_BIAS=bias is not None, HEAD_DIM=head_dim, BLOCK_Q=block_q, STAGES=stages,
+        y, M, y.stride(0), y.stride(1), y.stride(2),
+        HAS_BIAS=bias is not None, HEAD_DIM=head_dim, BLOCK_Q=block_q, STAGES=stages, ZERO_TMA=zero_tma,
         # 4 warps here (consumer 0) + 4 (consumer 1) + 1 loader warp: registers redistributed to 232 / 232 / 40
         num_warps=4, maxnreg=168,
     )
