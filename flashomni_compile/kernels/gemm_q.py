@@ -214,7 +214,9 @@ class Config(NamedTuple):
 # (update step). sm90 entries: the least total time over the sweep of benchmarks/bench_gemm.py --sweep
 # (H100, bf16, M in {4608, 33792}, densities {1, 0.5, 0.125}; benchmarks/NOTES.md, GEMM section):
 #   q: 128x256 split tiles, 4 stages: 10.8 ms summed vs 11.9 for 128x128 (dense QKV 2.88 vs 3.24 ms at
-#      M=33792; at d=0.125 the split keeps Q as cheap as 128x128 tiles: 0.274 vs 0.273 ms).
+#      M=33792; at d=0.125 the split keeps Q as cheap as 128x128 tiles: 0.274 vs 0.273 ms). On sm_90 the
+#      calls gemm_q_sm90.supports takes run the Gluon kernel (kept halves paired per row block, dealt
+#      evenly over persistent programs; benchmarks/NOTES.md, session 11).
 #   o, c: 128x128, 8 warps, 4 stages. 64x128 4-warp tiles (2 CTAs per SM) were 19% faster at d=0.125
 #      (0.279 vs 0.343 ms) but 50% slower dense (1.67 vs 1.11 ms); density is per-step data, so no switch.
 #      On sm_90 the calls gemm_o_sm90.supports takes run the Gluon kernel instead: cooperative 128x256
@@ -226,7 +228,7 @@ class Config(NamedTuple):
 # local-memory access in any innermost loop, 8-32 B saved at its entry (tests/test_gemm_sm90.py). "cpu" is the interpreter (tests): small tiles so that several
 # tiles, partial tiles and straddling heads occur at tiny sizes.
 CONFIGS = {
-    ("sm90", "q"): Config(128, 256, 64, 8, 8, 4, True, split_n=True),
+    ("sm90", "q"): Config(128, 256, 64, 8, 8, 4, True, split_n=True, gluon=(128, 256, 3)),
     ("sm90", "o"): Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 256, 3)),
     ("sm90", "c"): Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 256, 3)),
     ("cuda", "q"): Config(128, 128, 32, 8, 4, 3, False),
