@@ -1,4 +1,13 @@
-"""Throwaway A/B (not committed): the Gluon GEMM-Q with parts of its work removed, M = 33792, K = N = 3072."""
+"""A/B of the Gluon GEMM-Q (``kernels/gemm_q_sm90.py``) with parts of its work removed, M = 33792, K = N = 3072,
+bf16, at head densities 1 / 0.5 / 0.25 / 0.125 (``python benchmarks/ab_gemm_q.py``, H200; prints one dict a
+density, device ms from CUDA-graph replays, L2 flushed):
+
+    full_call        the launcher: plan + kernel         plan             the plan kernel alone
+    kernel           the GEMM kernel on the plan         no_zeros         without its zero items (y not all written)
+    zeros_only       only the zero items                 full_items_only  only the full (two-half) items
+
+The counts edited on the device select the work, so the kernel and its plan are the shipped ones. Session
+11 (benchmarks/NOTES.md) read the zero fill's cost and the items' cost from it."""
 import sys
 from pathlib import Path
 import torch
