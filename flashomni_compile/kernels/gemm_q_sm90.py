@@ -207,23 +207,19 @@ if AVAILABLE:
                 b, _, m0, ha, hb = _decode(_computed(ITEMS, pos, n_full, n_comp, CAP_FULL), tiles_m, FIRST_TILE,
                                            BLOCK_Q)
                 bi = b.to(gl.int32)
-                if hb != 255:
-                    for k0 in range(0, K, BLOCK_K):
-                        s = cnt % STAGES
-                        mbarrier.wait(empty.index(s), ((cnt // STAGES) & 1) ^ 1)
+                full = hb != 255
+                for k0 in range(0, K, BLOCK_K):
+                    s = cnt % STAGES
+                    mbarrier.wait(empty.index(s), ((cnt // STAGES) & 1) ^ 1)
+                    if full:     # the byte count is a constant of the instruction
                         mbarrier.expect(ready.index(s), x_bytes + 2 * w_bytes)
-                        _tma_load(desc_x, [bi, m0, k0], ready.index(s), a_smem.index(s))
-                        _tma_load(desc_w, [ha * HALF, k0], ready.index(s), w_smem.index(s).slice(0, HALF))
-                        _tma_load(desc_w, [hb * HALF, k0], ready.index(s), w_smem.index(s).slice(HALF, HALF))
-                        cnt += 1
-                else:
-                    for k0 in range(0, K, BLOCK_K):
-                        s = cnt % STAGES
-                        mbarrier.wait(empty.index(s), ((cnt // STAGES) & 1) ^ 1)
+                    else:
                         mbarrier.expect(ready.index(s), x_bytes + w_bytes)
-                        _tma_load(desc_x, [bi, m0, k0], ready.index(s), a_smem.index(s))
-                        _tma_load(desc_w, [ha * HALF, k0], ready.index(s), w_smem.index(s).slice(0, HALF))
-                        cnt += 1
+                    _tma_load(desc_x, [bi, m0, k0], ready.index(s), a_smem.index(s))
+                    _tma_load(desc_w, [ha * HALF, k0], ready.index(s), w_smem.index(s).slice(0, HALF))
+                    if full:
+                        _tma_load(desc_w, [hb * HALF, k0], ready.index(s), w_smem.index(s).slice(HALF, HALF))
+                    cnt += 1
 
     @gluon.jit
     def _zero_writer(args, HAS_BIAS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr,
