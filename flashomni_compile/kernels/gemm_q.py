@@ -30,7 +30,10 @@ hold several heads (D=64) or parts of heads (D=72): the keep flag is gathered pe
 computed when any of its columns is kept, with the others zeroed.
 
 This file holds the Triton kernel, its launcher ``sparse_linear_q_triton``, the torch twin
-``sparse_linear_q_ref`` and the argument checks ``check_inputs`` (used by ``ops.sparse_linear_q``).
+``sparse_linear_q_ref`` and the argument checks ``check_inputs`` (used by ``ops.sparse_linear_q``). On
+sm_90 the launcher hands the calls ``gemm_q_sm90.supports`` takes to the persistent warp-specialised Gluon
+kernel of ``gemm_q_sm90.py`` (``Config.gluon``, set by the launch table; ``FLASHOMNI_GLUON=0`` turns it off):
+it pairs the kept heads of each row block into 128 x 256 reductions and deals them evenly over the SMs.
 The helpers marked "shared" are imported by ``gemm_o.py``.
 """
 
