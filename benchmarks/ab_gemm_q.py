@@ -3,7 +3,6 @@ bf16, at head densities 1 / 0.5 / 0.25 / 0.125 (``python benchmarks/ab_gemm_q.py
 density, device ms from CUDA-graph replays, L2 flushed):
 
     full_call        the launcher: plan + kernel         plan             the plan kernel alone
-    pad_singles      the plan's PAD_SINGLES (both are run)
     kernel           the GEMM kernel on the plan         no_zeros         without its zero items (y not all written)
     zeros_only       only the zero items                 full_items_only  only the full (two-half) items
 
@@ -26,23 +25,19 @@ for d in (1.0, 0.5, 0.25, 0.125):
     keep = BG.symbols(M, d, 0, "cuda")
     k8 = keep.view(torch.uint8)
     tm = cdiv(M, 128)
+    items, counts, cf, cs = G.plan(k8, 1, tm, 0, 128, D, N, N, launch)
     dx = G._descriptor(x, [1, 128, 64]); dw = G._descriptor(w, [128, 64]); dy = G._descriptor(y, [1, 64, 128])
-    for pad in (True, False):     # the plan's PAD_SINGLES (the default: True)
-        items, counts, cf, cs = G.plan(k8, 1, tm, 0, 128, D, N, N, launch, pad_singles=pad)
-
-        def run(c):
-            return lambda: launch(G._gemm_q_sm90_kernel, (132,), dx, dw, dy, b, k8, items, c, N, K, N, 0, tm, cf, cs,
-                                  *k8.stride(), HAS_BIAS=True, HEAD_DIM=D, BLOCK_Q=128, STAGES=3, num_warps=4,
-                                  maxnreg=168)
-        nf, ns, nz = counts.tolist()
-        c_nozero = torch.tensor([nf, ns, 0], dtype=torch.int32, device="cuda")
-        c_zeroonly = torch.tensor([0, 0, nz], dtype=torch.int32, device="cuda")
-        c_fullonly = torch.tensor([nf, 0, 0], dtype=torch.int32, device="cuda")
-        r = dict(d=d, pad_singles=pad, n_full=nf, n_single=ns, n_zero=nz,
-                 plan=graph_ms(lambda: G.plan(k8, 1, tm, 0, 128, D, N, N, launch, pad_singles=pad)),
-                 kernel=graph_ms(run(counts)), no_zeros=graph_ms(run(c_nozero)), zeros_only=graph_ms(run(c_zeroonly)),
-                 full_items_only=graph_ms(run(c_fullonly)))
-        if pad == G.PAD_SINGLES:
-            r["full_call"] = graph_ms(lambda: G.gemm_q_sm90(x, w, b, keep, y, D, 0, 128, N, launch))
-        rows.append(r)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+    def run(c):
+        return lambda: launch(G._gemm_q_sm90_kernel, (132,), dx, dw, dy, b, k8, items, c, N, K, N, 0, tm, cf, cs,
+                              *k8.stride(), HAS_BIAS=True, HEAD_DIM=D, BLOCK_Q=128, STAGES=3, num_warps=4, maxnreg=168)
+    nf, ns, nz = counts.tolist()
+    c_nozero = torch.tensor([nf, ns, 0], dtype=torch.int32, device="cuda")
+    c_zeroonly = torch.tensor([0, 0, nz], dtype=torch.int32, device="cuda")
+    c_fullonly = torch.tensor([nf, 0, 0], dtype=torch.int32, device="cuda")
+    r = dict(d=d, n_full=nf, n_single=ns, n_zero=nz,
+             full_call=graph_ms(lambda: G.gemm_q_sm90(x, w, b, keep, y, D, 0, 128, N, launch)),
+             plan=graph_ms(lambda: G.plan(k8, 1, tm, 0, 128, D, N, N, launch)),
+             kernel=graph_ms(run(counts)), no_zeros=graph_ms(run(c_nozero)), zeros_only=graph_ms(run(c_zeroonly)),
+             full_items_only=graph_ms(run(c_fullonly)))
+    rows.append(r)
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)

@@ -45,8 +45,7 @@ def test_compiles_for_sm90():
     (1, 512, 4, 128, True, 0, 0, 128, 1.0),        # all kept: the full items are a GEMM's 128 x 256 tiles
     (3, 4000, 24, 128, False, 0, 0, 128, 0.125),   # more row blocks than one chunk of the plan
 ])
-@pytest.mark.parametrize("pad", [True, False])
-def test_plan_pairs_kept_halves_per_row_block(B, M, H, D, fused, N_pad, off, bq, density, pad):
+def test_plan_pairs_kept_halves_per_row_block(B, M, H, D, fused, N_pad, off, bq, density):
     g = torch.Generator().manual_seed(B * M + H + D)
     sparse_cols = H * D
     N = sparse_cols * (3 if fused else 1) + N_pad
@@ -57,15 +56,14 @@ def test_plan_pairs_kept_halves_per_row_block(B, M, H, D, fused, N_pad, off, bq,
     tiles_m, nh = (M + 127) // 128, (N + 127) // 128
     first = off // 128
     items, counts, cap_full, cap_single = gemm_q_sm90.plan(keep.view(torch.uint8), B, tiles_m, first, bq, D,
-                                                          sparse_cols, N, launch, pad_singles=pad)
+                                                          sparse_cols, N, launch)
     n_full, n_single, n_zero = counts.tolist()
     full = [(c >> 16, (c >> 8) & 255, c & 255) for c in items[:n_full].tolist()]
     single = [(c >> 16, (c >> 8) & 255, c & 255) for c in items[cap_full:cap_full + n_single].tolist()]
     zero = [(c >> 16, (c >> 8) & 255, c & 255) for c in items[cap_full + cap_single:][:n_zero].tolist()]
 
     # brute force: a half is kept when any of its columns is; each row block's kept halves are paired in
-    # column order, an odd last one pairs with the first unkept half (pad) or is a single item, the other
-    # unkept ones are zero items; row-block order
+    # column order, an odd last one is a single item, the unkept ones are zero items; row-block order
     want_full, want_single, want_zero = [], [], []
     keep_host = keep.cpu()
     for rb in range(B * tiles_m):
@@ -73,13 +71,9 @@ def test_plan_pairs_kept_halves_per_row_block(B, M, H, D, fused, N_pad, off, bq,
         qb = ((first + tm) * 128) // bq
         kept = [h for h in range(nh) if any(bool(keep_host[b, c // D, qb]) if c < sparse_cols else c < N
                                             for c in range(h * 128, h * 128 + 128))]
-        unkept = [h for h in range(nh) if h not in kept]
         want_full += [(rb, kept[i], kept[i + 1]) for i in range(0, len(kept) - 1, 2)]
-        if len(kept) % 2 and unkept and pad:      # the odd one pairs with the first unkept half
-            want_full.append((rb, kept[-1], unkept.pop(0)))
-        elif len(kept) % 2:
-            want_single.append((rb, kept[-1], 255))
-        want_zero += [(rb, h, 255) for h in unkept]
+        want_single += [(rb, kept[-1], 255)] if len(kept) % 2 else []
+        want_zero += [(rb, h, 255) for h in range(nh) if h not in kept]
     # the plan's programs append their runs in the order of their atomics: compare as sets, and each
     # run of 16 row blocks in row-block order
     assert (sorted(full), sorted(single), sorted(zero)) == (want_full, want_single, want_zero)

@@ -15,10 +15,8 @@ M = 33792: 0.24 ms at d = 0.125 against ~0.10 ms of kept work at the dense rate)
   kept when any of its two 64-column segments is: the segment's head's symbol in the row block's q-block
   (columns of a fused QKV weight past ``sparse_cols`` always). Within each row block the kept halves are
   paired in column order into *full items* (two halves, any two columns: one 128 x 256 reduction over
-  the shared x rows). An odd one left pairs with the row's first unkept half (``PAD_SINGLES``: computed
-  and zeroed by the epilogue's segment mask, so that it runs beside the row's other full items and reads
-  x from L2 with them); only in a row with no unkept half is it a *single item* (128 x 128). Every other
-  half is a *zero item*. In a dense call the full items are the 128 x 256 tiles of a plain GEMM.
+  the shared x rows), an odd one left is a *single item* (128 x 128), and every other half is a *zero
+  item*. In a dense call the full items are the 128 x 256 tiles of a plain GEMM.
 * **The plan** (``_plan_kernel``, a small Triton kernel on the device, no host sync): the three item
   lists and their lengths, 16 row blocks a program, each program's run of items in row-block order.
 * **The deal.** The computed items, full ones first, are dealt to the P programs like cards in snake
@@ -26,7 +24,8 @@ M = 33792: 0.24 ms at d = 0.125 against ~0.10 ms of kept work at the dense rate)
   ``P - 1 - lane`` on odd ones, so a program that got a full item in one round gets one of the last
   singles of the next, and every program ends within about one half of the mean. Consecutive positions
   run at the same time on different SMs, so the full items of one row block read its x rows from L2
-  together. The zero items are dealt plainly.
+  together (its single, in the other list, runs rounds later on another SM and reads them again: the
+  largest cost left at low density, benchmarks/NOTES.md session 11). The zero items are dealt plainly.
 * ``_loader`` (1 warp): for each computed item of the program, the x slice and the item's one or two W
   slices (two halves anywhere in W: one TMA copy each) of every 64-wide reduction step into a ring of
   ``STAGES`` buffers.
@@ -70,7 +69,6 @@ SEG = 64        # keep granularity inside a half: head dims are multiples of it
 BLOCK_K = 64
 STAGES = 3      # ring of x + W slices, 3 x 48 KB, + 2 x 32 KB output buffers + 16 KB of zeros = 224 KB
 NONE = 255      # the second half of a single item
-PAD_SINGLES = True  # the plan pairs an odd kept half with an unkept one (``_plan_kernel``)
 MAX_HALVES = NONE   # halves a row can have (the item code keeps a half index in 8 bits): N <= 32640
 
 
@@ -108,7 +106,7 @@ def _seg_keep(KEEP, b, qb, c0, inside, N, SPARSE_COLS, stride_kb, stride_kh, str
 @triton.jit
 def _plan_kernel(KEEP, ITEMS, COUNTS, R, tiles_m, FIRST_TILE, NH, N, SPARSE_COLS, CAP_FULL, CAP_SINGLE,
                  stride_kb, stride_kh, stride_kq, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
-                 ROWS: tl.constexpr, NH_P2: tl.constexpr, PAD_SINGLES: tl.constexpr):
+                 ROWS: tl.constexpr, NH_P2: tl.constexpr):
     """ROWS row blocks a program: their items appended to ``ITEMS[0:]`` (full items),
     ``ITEMS[CAP_FULL:]`` (single items) and ``ITEMS[CAP_FULL + CAP_SINGLE:]`` (zero items), each run of
     a program's items in row-block order at a place reserved by an atomic add on the list's length in
@@ -127,22 +125,11 @@ def _plan_kernel(KEEP, ITEMS, COUNTS, R, tiles_m, FIRST_TILE, NH, N, SPARSE_COLS
     rank = tl.cumsum(kept.to(tl.int32), axis=1) - 1          # of a kept half among its row's kept halves
     cnt1 = tl.sum(kept.to(tl.int32), axis=1)                # per row
     pairs1, odd1 = cnt1 // 2, cnt1 % 2
-    unkept = inside & ~kept
-    z1 = tl.min(tl.where(unkept, h, NH_P2), axis=1)         # the row's first unkept half (NH_P2: none)
-    if PAD_SINGLES:
-        # an odd kept half is paired with the row's first unkept one (computed, then zeroed by the
-        # consumer's segment mask): one full item that runs beside the row's other full items and shares
-        # their x reads from L2, instead of a single that reads x again from DRAM rounds later
-        pad1 = (odd1 == 1) & (z1 < NH_P2)
-    else:
-        pad1 = odd1 < 0
-    full1 = pairs1 + pad1.to(tl.int32)
-    single1 = odd1 - pad1.to(tl.int32)
-    zeros1 = tl.where(rows1 < R, NH - cnt1 - pad1.to(tl.int32), 0)
-    cnt, pairs, pad, z = cnt1[:, None], pairs1[:, None], pad1[:, None], z1[:, None]
+    zeros1 = tl.where(rows1 < R, NH - cnt1, 0)
+    cnt = cnt1[:, None]
     # each row's first item in each list: the program's reserved place plus the rows before it
-    at_full = (tl.atomic_add(COUNTS, tl.sum(full1, axis=0)) + tl.cumsum(full1, axis=0) - full1)[:, None]
-    at_single = (tl.atomic_add(COUNTS + 1, tl.sum(single1, axis=0)) + tl.cumsum(single1, axis=0) - single1)[:, None]
+    at_full = (tl.atomic_add(COUNTS, tl.sum(pairs1, axis=0)) + tl.cumsum(pairs1, axis=0) - pairs1)[:, None]
+    at_single = (tl.atomic_add(COUNTS + 1, tl.sum(odd1, axis=0)) + tl.cumsum(odd1, axis=0) - odd1)[:, None]
     at_zero = (tl.atomic_add(COUNTS + 2, tl.sum(zeros1, axis=0)) + tl.cumsum(zeros1, axis=0) - zeros1)[:, None]
     # the next kept half after each kept one: the second least of the kept indices from it on
     _, nxt = tl.associative_scan((tl.where(kept, h, NH_P2), tl.full(kept.shape, NH_P2, tl.int32)), 1,
@@ -150,19 +137,14 @@ def _plan_kernel(KEEP, ITEMS, COUNTS, R, tiles_m, FIRST_TILE, NH, N, SPARSE_COLS
     code = (rows << 16) | (h << 8)
     starts = kept & (rank % 2 == 0)
     full = starts & (rank + 1 < cnt)
-    last = starts & ~full                                    # the odd kept half, one a row at most
     tl.store(ITEMS + at_full + rank // 2, code | nxt, mask=full)
-    tl.store(ITEMS + at_full + pairs + 0 * h, code | z, mask=last & pad)
-    tl.store(ITEMS + CAP_FULL + at_single + 0 * h, code | 255, mask=last & ~pad)
-    # an unkept half's place among its row's unkept halves: h minus the kept ones before it (and minus the
-    # padding half, when it comes before)
-    taken = pad & (h == z)
-    tl.store(ITEMS + CAP_FULL + CAP_SINGLE + at_zero + (h - rank - 1) - (pad & (h > z)).to(tl.int32), code | 255,
-             mask=unkept & ~taken)
+    tl.store(ITEMS + CAP_FULL + at_single + 0 * h, code | 255, mask=starts & ~full)   # one a row at most
+    # an unkept half's place among its row's unkept halves: h minus the kept ones before it
+    tl.store(ITEMS + CAP_FULL + CAP_SINGLE + at_zero + (h - rank - 1), code | 255, mask=inside & ~kept)
 
 
 def plan(q_keep: Tensor, batch: int, tiles_m: int, first: int, block_q: int, head_dim: int, sparse_cols: int,
-         n: int, launch, pad_singles: bool = PAD_SINGLES) -> tuple[Tensor, Tensor, int, int]:
+         n: int, launch) -> tuple[Tensor, Tensor, int, int]:
     """``(items, counts, cap_full, cap_single)`` of a call (``_plan_kernel``); ``q_keep`` as uint8."""
     R, nh = batch * tiles_m, cdiv(n, HALF)
     cap_full, cap_single = R * (nh // 2), R
@@ -172,7 +154,7 @@ def plan(q_keep: Tensor, batch: int, tiles_m: int, first: int, block_q: int, hea
     rows = max(1, min(16, 2048 // nh_p2))
     launch(_plan_kernel, (cdiv(R, rows),), q_keep, items, counts, R, tiles_m, first, nh, n, sparse_cols, cap_full,
            cap_single, q_keep.stride(0), q_keep.stride(1), q_keep.stride(2), HEAD_DIM=head_dim, BLOCK_Q=block_q,
-           ROWS=rows, NH_P2=nh_p2, PAD_SINGLES=pad_singles, num_warps=4)
+           ROWS=rows, NH_P2=nh_p2, num_warps=4)
     return items, counts, cap_full, cap_single
 
 
