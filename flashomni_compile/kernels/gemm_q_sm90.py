@@ -24,8 +24,9 @@ M = 33792: 0.24 ms at d = 0.125 against ~0.10 ms of kept work at the dense rate)
   ``P - 1 - lane`` on odd ones, so a program that got a full item in one round gets one of the last
   singles of the next, and every program ends within about one half of the mean. Consecutive positions
   run at the same time on different SMs, so the full items of one row block read its x rows from L2
-  together (its single, in the other list, runs rounds later on another SM and reads them again: the
-  largest cost left at low density, benchmarks/NOTES.md session 11). The zero items are dealt plainly.
+  together (its single, in the other list, runs rounds later on another SM and reads them again;
+  padding it into a full item to avoid that gained nothing: benchmarks/NOTES.md session 11). The zero
+  items are dealt plainly.
 * ``_loader`` (1 warp): for each computed item of the program, the x slice and the item's one or two W
   slices (two halves anywhere in W: one TMA copy each) of every 64-wide reduction step into a ring of
   ``STAGES`` buffers.
