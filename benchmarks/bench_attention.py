@@ -65,6 +65,8 @@ VARIANTS = {
     "gluon": KernelConfig(128, 128, 8, 3, gluon=True),
     "gluon_k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3),
     "gluon_k4": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=4),
+    # one consumer warpgroup a CTA, 64 rows, two CTAs an SM (experimental, not in the table: NOTES.md session 11)
+    "gluon_c1": KernelConfig(128, 128, 8, 3, gluon=True, consumers=1),
 }
 
 

@@ -30,8 +30,10 @@ VARIANTS = {"dense": (False, False, False, False), "lists": (True, True, False, 
 
 def main() -> None:
     H = 2
-    cases = itertools.product(G._HEAD_DIMS, (2, 3), VARIANTS.items())
-    for D, stages, (name, (partial, lists, cached, kpm)) in cases:
+    # (K ring depth, consumer warpgroups): the table's 2 consumers at 2 and 3 stages, the experimental
+    # one-consumer CTA (two CTAs an SM) at 2
+    cases = itertools.product(G._HEAD_DIMS, ((2, 2), (3, 2), (2, 1)), VARIANTS.items())
+    for D, (stages, consumers), (name, (partial, lists, cached, kpm)) in cases:
         N = 512 + (40 if partial else 0)
         q = torch.empty(1, N, H, D, dtype=torch.bfloat16).transpose(1, 2)
         k, v, out = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
@@ -52,9 +54,9 @@ def main() -> None:
             G.sparse_attention_sm90(q, k, v, operands, strides, cached, lists, kpm, 2 if cached else 0, 0.1, 0.5,
                                     out, lse,
                                     lambda kern, grid, *a, **kw: built.append(kern.warmup(*a, grid=grid, **kw)),
-                                    k_stages=stages)
+                                    k_stages=stages, consumers=consumers)
         regs, spill = resource_usage(built[-1])
-        print(json.dumps(dict(variant=f"{name}_k{stages}", D=D, regs=regs, spill=spill,
+        print(json.dumps(dict(variant=f"{name}_k{stages}" + ("_c1" if consumers == 1 else ""), D=D, regs=regs, spill=spill,
                               loop_local=local_accesses_in_loops(built[-1]), shared=built[-1].metadata.shared)))
     sys.stdout.flush()
 

@@ -279,10 +279,13 @@ class KernelConfig:
     tma: bool = False
     # Hopper only: the warp-specialised Gluon kernel (``attention_sm90.py``) when the call qualifies
     # (``attention_sm90.supports``; from the table also only from ``gluon_min_nkv`` keys on);
-    # ``k_stages`` is the depth of its K ring. The other fields then do not apply.
+    # ``k_stages`` is the depth of its K ring, ``consumers`` its consumer warpgroups a CTA (2: 128 rows, one
+    # CTA an SM; 1: 64 rows, two CTAs an SM, an experiment not in the table: NOTES.md session 11). The
+    # other fields then do not apply.
     gluon: bool = False
     k_stages: int = 2
     gluon_min_nkv: int = GLUON_MIN_NKV
+    consumers: int = 2
 
     def stages(self, lists: bool) -> int:
         if not lists:
@@ -411,7 +414,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if gluon:
         attention_sm90.sparse_attention_sm90(q, k, v, operands, operand_strides, q_keep is not None,
                                              kv_count is not None, key_padding_mask is not None, terms, scale,
-                                             cache_delta, out, lse, launch, k_stages=cfg.k_stages)
+                                             cache_delta, out, lse, launch, k_stages=cfg.k_stages,
+                                             consumers=cfg.consumers)
         return out, lse
     use_tma = cfg.tma and q.is_cuda and _tma_ok(k) and _tma_ok(v)
     if use_tma:

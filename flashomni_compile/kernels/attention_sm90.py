@@ -206,9 +206,9 @@ if AVAILABLE:
     @gluon.jit
     def _ws_consumer(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
                      CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                     V_STAGES: gl.constexpr, HALF: gl.constexpr):
+                     V_STAGES: gl.constexpr, HALF: gl.constexpr, CONSUMERS: gl.constexpr):
         (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, KVMASKED_b, IDX, strides, keep, n_tiles,
-         n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
+         n_full, off_b, off_h, pid_m, half, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_cb, stride_ch, stride_cn, stride_cd = strides[7], strides[8], strides[9], strides[10]
         stride_idx_j, stride_kpm_n = strides[11], strides[12]
         q_smem, k_smem, v_smem = smem
@@ -221,7 +221,10 @@ if AVAILABLE:
                                                            instr_shape=[16, HEAD_DIM, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        row0 = pid_m * (2 * WG_M) + HALF * WG_M
+        if CONSUMERS == 2:
+            row0 = pid_m * (2 * WG_M) + HALF * WG_M
+        else:
+            row0 = pid_m * (2 * WG_M) + half * WG_M     # one consumer a CTA: the program's half of the q-block
         if keep == 0:
             c_off, io_mask = _tile_offsets(off_b, off_h, row0, Nq, stride_cb, stride_ch, stride_cn, stride_cd,
                                            o_layout, WG_M, HEAD_DIM)
@@ -237,7 +240,7 @@ if AVAILABLE:
             l_i = gl.zeros([WG_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
             acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, layout=o_layout)
             if n_tiles > 0:
-                mbarrier.wait(q_bar.index(HALF), 0)
+                mbarrier.wait(q_bar.index(HALF), 0)      # HALF is 0 with one consumer (one Q buffer)
                 q2 = q_smem.index(HALF).reshape([WG_M, HEAD_DIM])
                 s = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
                 acc, m_i, l_i = _consume_tiles(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, acc, m_i,
@@ -254,9 +257,9 @@ if AVAILABLE:
     @gluon.jit
     def _ws_loader(args, HEAD_DIM: gl.constexpr, HAS_LISTS: gl.constexpr, HAS_KPM: gl.constexpr,
                    CACHE_TERMS: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                   V_STAGES: gl.constexpr, HALF: gl.constexpr):
+                   V_STAGES: gl.constexpr, HALF: gl.constexpr, CONSUMERS: gl.constexpr):
         (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM_b, KVMASKED_b, IDX, strides, keep, n_tiles,
-         n_full, off_b, off_h, pid_m, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
+         n_full, off_b, off_h, pid_m, half, Nq, Nkv, qk_scale, cache_c1, cache_c2, smem, bars) = args
         stride_idx_j = strides[11]
         q_smem, k_smem, v_smem = smem
         q_bar, k_ready, k_empty, v_ready, v_empty = bars
@@ -266,9 +269,13 @@ if AVAILABLE:
         h_h = off_h.to(gl.int32)
         if keep != 0:
             if n_tiles > 0:
-                for i in gl.static_range(2):
-                    mbarrier.expect(q_bar.index(i), box // 2)
-                    _tma_load(desc_q, [b_h, h_h, pid_m * 128 + i * 64, 0], q_bar.index(i), q_smem.index(i))
+                if CONSUMERS == 2:
+                    for i in gl.static_range(2):
+                        mbarrier.expect(q_bar.index(i), box // 2)
+                        _tma_load(desc_q, [b_h, h_h, pid_m * 128 + i * 64, 0], q_bar.index(i), q_smem.index(i))
+                else:
+                    mbarrier.expect(q_bar.index(0), box // 2)
+                    _tma_load(desc_q, [b_h, h_h, pid_m * 128 + half * 64, 0], q_bar.index(0), q_smem.index(0))
                 for t in range(n_tiles):
                     start = _tile_block(t, IDX, stride_idx_j, n_tiles, HAS_LISTS) * BLOCK_N
                     ks = t % K_STAGES
@@ -294,28 +301,34 @@ if AVAILABLE:
                                  HEAD_DIM: gl.constexpr, HAS_QKEEP: gl.constexpr, HAS_LISTS: gl.constexpr,
                                  HAS_KPM: gl.constexpr, EVEN_KV: gl.constexpr, CACHE_TERMS: gl.constexpr,
                                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, num_warps: gl.constexpr):
-        pid_m = gl.program_id(0)
+                                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                                 num_warps: gl.constexpr):
+        if CONSUMERS == 2:
+            pid_m = gl.program_id(0)
+            half = 0
+        else:
+            pid_m = gl.program_id(0) // 2       # two programs a q-block, 64 rows each
+            half = gl.program_id(0) % 2
         pid_bh = gl.program_id(1).to(gl.int64)
         off_b = pid_bh // H
         off_h = pid_bh % H
         dtype: gl.constexpr = desc_k.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, 64, HEAD_DIM], desc_q.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, 64, HEAD_DIM], desc_q.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
+        for i in gl.static_range(CONSUMERS):
             mbarrier.init(q_bar.index(i), count=1)
         for i in gl.static_range(K_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)     # one arrive per consumer warpgroup
+            mbarrier.init(k_empty.index(i), count=CONSUMERS)     # one arrive per consumer warpgroup
         for i in gl.static_range(V_STAGES):
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=CONSUMERS)
         fence_async_shared()
         if HAS_QKEEP:
             keep = gl.load(QKEEP + off_b * stride_keep_b + off_h * stride_keep_h + pid_m * stride_keep_q)
@@ -340,18 +353,24 @@ if AVAILABLE:
         strides = (stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
                    stride_cb, stride_ch, stride_cn, stride_cd, stride_idx_j, stride_kpm_n)
         args = (desc_q, desc_k, desc_v, O, LSE, CACHE, CACHE1, CACHE2, KPM + off_b * stride_kpm_b,
-                KVMASKED + off_b * NKB, IDX, strides, keep, n_tiles, n_full, off_b, off_h, pid_m, Nq, Nkv,
+                KVMASKED + off_b * NKB, IDX, strides, keep, n_tiles, n_full, off_b, off_h, pid_m, half, Nq, Nkv,
                 qk_scale, cache_c1, cache_c2,
                 (q_smem, k_smem, v_smem), (q_bar, k_ready, k_empty, v_ready, v_empty))
-        gl.warp_specialize([
-            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
-            (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 1)),
-            (_ws_loader, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0)),
-        ], [4, 1], [232, 40])
+        if CONSUMERS == 2:
+            gl.warp_specialize([
+                (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0, 2)),
+                (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 1, 2)),
+                (_ws_loader, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0, 2)),
+            ], [4, 1], [232, 40])
+        else:
+            gl.warp_specialize([
+                (_ws_consumer, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0, 1)),
+                (_ws_loader, (args, HEAD_DIM, HAS_LISTS, HAS_KPM, CACHE_TERMS, BLOCK_N, K_STAGES, V_STAGES, 0, 1)),
+            ], [1], [40])
 
 def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, has_lists: bool, has_kpm: bool,
                           terms: int, scale: float, cache_delta: float, out, lse, launch, *,
-                          k_stages: int = K_STAGES) -> None:
+                          k_stages: int = K_STAGES, consumers: int = 2, v_stages: int | None = None) -> None:
     """Launch the Gluon kernel into ``out``/``lse`` (allocated by the caller). ``operands`` (cache, its two
     Taylor terms, q_keep, kv_count, kv_index, the per-block mask flags ``attention.masked_kv_blocks``
     (contiguous ``[B, NKB]``, with a key padding mask), key padding mask; q stands in for an absent one)
@@ -364,7 +383,11 @@ def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, h
     desc_q = GluonDescriptor.from_tensor(q, box_q, gl.NVMMASharedLayout.get_default_for(box_q, gdt))
     desc_k = GluonDescriptor.from_tensor(k, box_kv, gl.NVMMASharedLayout.get_default_for(box_kv, gdt))
     desc_v = GluonDescriptor.from_tensor(v, box_kv, gl.NVMMASharedLayout.get_default_for(box_kv, gdt))
-    grid = ((Nq + BLOCK_M - 1) // BLOCK_M, B * H)
+    if consumers not in (1, 2):
+        raise ValueError(f"sparse_attention_sm90: consumers must be 1 or 2, got {consumers!r}")
+    if v_stages is None:     # one consumer: two CTAs an SM, so at D = 128 a single V buffer (112 KB a CTA)
+        v_stages = V_STAGES if consumers == 2 or D < 128 else 1
+    grid = ((Nq + BLOCK_M - 1) // BLOCK_M * (3 - consumers), B * H)
     launch(
         _sparse_attn_fwd_sm90, grid,
         desc_q, desc_k, desc_v, out, lse, *operands, *out.stride(), *lse.stride(), *operand_strides,
@@ -372,8 +395,9 @@ def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, h
         float(cache_delta), float(cache_delta) ** 2 / 2.0,
         HEAD_DIM=D, HAS_QKEEP=has_qkeep, HAS_LISTS=has_lists, HAS_KPM=has_kpm, EVEN_KV=Nkv % BLOCK_N == 0,
         CACHE_TERMS=terms,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=V_STAGES,
-        # 4 warps here (consumer 0) + 4 (consumer 1) + 1 loader warp (a warpgroup's worth of registers):
-        # 168 a thread on average, which the partitions redistribute to 240 / 232 / 40 (setmaxnreg).
-        num_warps=4, maxnreg=168,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, K_STAGES=k_stages, V_STAGES=v_stages, CONSUMERS=consumers,
+        # Two consumers: 4 warps here (consumer 0) + 4 (consumer 1) + 1 loader warp (a warpgroup's worth of
+        # registers): 168 a thread on average, which the partitions redistribute to 232 / 232 / 40
+        # (setmaxnreg). One consumer (64 rows a CTA, two CTAs an SM): 128 on average, 216 / 40.
+        num_warps=4, maxnreg=168 if consumers == 2 else 128,
     )
