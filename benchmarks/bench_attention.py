@@ -66,7 +66,7 @@ VARIANTS = {
     "gluon_k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3),
     "gluon_k4": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=4),
     # one consumer warpgroup a CTA, 64 rows, two CTAs an SM (experimental, not in the table: NOTES.md session 11)
-    "gluon_c1": KernelConfig(128, 128, 8, 3, gluon=True, consumers=1),
+    "gluon_c1": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=1, consumers=1),
 }
 
 

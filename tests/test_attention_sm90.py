@@ -24,7 +24,7 @@ from flashomni_compile.symbols import kv_block_lists, num_blocks
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 GLUON = {"k2": KernelConfig(128, 128, 8, 3, gluon=True),          # K ring depth 2 (the table's) and 3
          "k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3),
-         "c1": KernelConfig(128, 128, 8, 3, gluon=True, consumers=1)}   # one consumer a CTA (experimental)
+         "c1": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=1, consumers=1)}   # one consumer a CTA (experimental)
 
 
 # Known: on triton 3.6 (not 3.9) ptxas spills 16 B in the one variant with lists, a key padding mask,
@@ -34,8 +34,8 @@ GLUON = {"k2": KernelConfig(128, 128, 8, 3, gluon=True),          # K ring depth
 # registers for the consumer, so that two CTAs share an SM) spills in a cached-rows variant at D=128 on
 # each triton, in the loop (NOTES.md session 11; it is not in the launch table). Every other variant must
 # not spill. Keys: (variant, D, consumers) -> (bytes, accesses in the kv loop).
-KNOWN_SPILL = {"3.6": {("lists_cache_kpm", 128, 2): (16, 2), ("lists_cache_kpm", 128, 1): (104, 23)},
-               "3.9": {("cache", 128, 1): (48, 9)}}
+KNOWN_SPILL = {"3.6": {("lists_cache_kpm", 128, 2): (16, 2), ("lists_cache_kpm", 128, 1): (72, 19)},
+               "3.9": {("cache", 128, 1): (48, 11)}}
 TWO_CTA_SMEM = 228 * 1024 // 2 - 1024     # two CTAs of the one-consumer kernel on an SM (1 KB reserved each)
 
 
@@ -52,6 +52,17 @@ def test_compiles_for_sm90_without_spills():
         assert r["loop_local"] <= in_loop, f"local memory inside the kv loop: {r}"
         assert r["shared"] <= (SM90_SMEM_LIMIT if consumers == 2 else TWO_CTA_SMEM), f"shared memory: {r}"
     assert any(r["variant"].endswith("_c1") for r in rows)
+
+
+@pytest.mark.skipif(not attention_sm90.AVAILABLE, reason="this triton has no Gluon")
+def test_one_consumer_ring_must_fit_two_ctas_an_sm():
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 2, 256)
+    args = (q, q, q, (q,) * 8, (0,) * 16, False, False, False, 0, 0.1, 0.5, q, lse, None)
+    with pytest.raises(ValueError, match="use k_stages=1"):
+        attention_sm90.sparse_attention_sm90(*args, consumers=1)            # 2 K + 2 V buffers at D = 128
+    with pytest.raises(ValueError, match="consumers must be 1 or 2"):
+        attention_sm90.sparse_attention_sm90(*args, consumers=3)
 
 
 def test_supports_declines_what_the_kernel_does_not_cover():

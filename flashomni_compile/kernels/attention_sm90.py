@@ -58,6 +58,7 @@ BLOCK_M = 128
 BLOCK_N = 128
 K_STAGES = 2     # K ring depth: 2 and 3 measured alike dense, 2 up to 3% faster sparse (NOTES.md)
 V_STAGES = 2
+TWO_CTA_SMEM = 115 * 1024   # ring + Q bytes a one-consumer CTA may take so that two share an SM (228 KB)
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (64, 128)
 
@@ -385,8 +386,13 @@ def sparse_attention_sm90(q, k, v, operands, operand_strides, has_qkeep: bool, h
     desc_v = GluonDescriptor.from_tensor(v, box_kv, gl.NVMMASharedLayout.get_default_for(box_kv, gdt))
     if consumers not in (1, 2):
         raise ValueError(f"sparse_attention_sm90: consumers must be 1 or 2, got {consumers!r}")
-    if v_stages is None:     # one consumer: two CTAs an SM, so at D = 128 a single V buffer (112 KB a CTA)
-        v_stages = V_STAGES if consumers == 2 or D < 128 else 1
+    v_stages = V_STAGES if v_stages is None else v_stages
+    if consumers == 1 and (consumers * 64 + (k_stages + v_stages) * BLOCK_N) * D * q.element_size() > TWO_CTA_SMEM:
+        # one consumer is for two CTAs an SM; at D = 128 that leaves one K buffer beside two V buffers (112 KB:
+        # a single V buffer would hold the next K copy behind the previous PV product every tile)
+        raise ValueError(f"sparse_attention_sm90: with one consumer, {k_stages} K + {v_stages} V buffers at "
+                         f"head dim {D} exceed the {TWO_CTA_SMEM} bytes of two CTAs an SM; at D = 128 use "
+                         f"k_stages=1")
     grid = ((Nq + BLOCK_M - 1) // BLOCK_M * (3 - consumers), B * H)
     launch(
         _sparse_attn_fwd_sm90, grid,
