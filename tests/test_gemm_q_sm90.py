@@ -1,9 +1,9 @@
 """The Hopper Gluon GEMM-Q kernel (``kernels/gemm_q_sm90.py``) and its device-side plan.
 
 On CPU machines (CI) the kernel is compiled for sm_90 (``sm90_compile_check.py gemm_q``: within Hopper's
-shared memory, no local-memory access in any loop) and its plan (torch ops) is checked against a brute
-force (in the interpreter). On a Hopper GPU the kernel runs against the float64 twin: fresh random inputs, NaN-poisoned
-outputs (every element must be written: computed, or exactly zero where skipped), partial row and column
+shared memory, no local-memory access in any loop) and its plan (a Triton kernel, run by the
+interpreter) is checked against a brute force. On a Hopper GPU the kernel runs against the float64 twin:
+fresh random inputs, NaN-poisoned outputs (every element must be written: computed, or exactly zero where skipped), partial row and column
 blocks, a reduction that is not a multiple of 64, B > 1, row offsets, 64-wide heads (kept and skipped
 heads inside one computed half), fused QKV weights (dense columns), all-kept and all-cached symbols, no
 bias, and grids of 1-3 programs so that each program walks many items of every kind.
@@ -108,7 +108,7 @@ def _rand(g, *shape, dtype):
 
 # (B, M, H, D, fused, K, row_offset, density, dtype, bias, programs)
 CASES = [
-    (1, 1024, 4, 128, False, 512, 0, 0.5, torch.bfloat16, True, None),   # whole units, one program per SM
+    (1, 1024, 4, 128, False, 512, 0, 0.5, torch.bfloat16, True, None),   # whole row blocks, one program per SM
     (2, 1000, 3, 128, False, 328, 128, 0.5, torch.bfloat16, True, 3),    # partial rows and columns, K % 64 != 0
     (2, 700, 5, 64, False, 256, 256, 0.3, torch.float16, True, 2),       # 64-wide heads: mixed halves
     (1, 600, 4, 128, True, 512, 0, 0.4, torch.bfloat16, True, 3),        # fused QKV
