@@ -187,8 +187,19 @@ if AVAILABLE:
         return ((kv != 0) & sparse) | ((c0 >= SPARSE_COLS) & (c0 < N))
 
     @gluon.jit
-    def _loader(args, HAS_BIAS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr,
-                STAGES: gl.constexpr):
+    def _item(ITEMS, KEEP, pos, n_full, n_comp, CAP_FULL, tiles_m, FIRST_TILE, N, SPARSE_COLS, stride_kb, stride_kh,
+              stride_kq, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr):
+        """The computed item at deal position ``pos``: (batch, first local row, first half, second half, and
+        the keep flags of the four 64-column segments of its two halves)."""
+        b, qb, m0, ha, hb = _decode(_computed(ITEMS, pos, n_full, n_comp, CAP_FULL), tiles_m, FIRST_TILE, BLOCK_Q)
+        f0 = _seg(KEEP, b, qb, ha * HALF, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
+        f1 = _seg(KEEP, b, qb, ha * HALF + 64, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
+        f2 = _seg(KEEP, b, qb, hb * HALF, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
+        f3 = _seg(KEEP, b, qb, hb * HALF + 64, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
+        return b, m0, ha, hb, f0, f1, f2, f3
+
+    @gluon.jit
+    def _loader(args, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr):
         (desc_x, desc_w, desc_y, BIAS, KEEP, ITEMS, COUNTS, N, K, SPARSE_COLS, FIRST_TILE, tiles_m, CAP_FULL,
          CAP_SINGLE, stride_kb, stride_kh, stride_kq, smem, bars) = args
         a_smem, w_smem, y_smem, zero_smem = smem
@@ -224,8 +235,7 @@ if AVAILABLE:
                     cnt += 1
 
     @gluon.jit
-    def _zero_writer(args, HAS_BIAS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr,
-                     STAGES: gl.constexpr):
+    def _zero_writer(args, BLOCK_Q: gl.constexpr):
         (desc_x, desc_w, desc_y, BIAS, KEEP, ITEMS, COUNTS, N, K, SPARSE_COLS, FIRST_TILE, tiles_m, CAP_FULL,
          CAP_SINGLE, stride_kb, stride_kh, stride_kq, smem, bars) = args
         a_smem, w_smem, y_smem, zero_smem = smem
@@ -326,22 +336,16 @@ if AVAILABLE:
         buf = y_smem.index(X)
         # the next item and its segment flags are loaded one round ahead, under the current reduction
         pos = _dealt(0, pid, P)
-        b, qb, m0, ha, hb = _decode(_computed(ITEMS, pos, n_full, n_comp, CAP_FULL), tiles_m, FIRST_TILE, BLOCK_Q)
-        f0 = _seg(KEEP, b, qb, ha * HALF, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
-        f1 = _seg(KEEP, b, qb, ha * HALF + 64, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
-        f2 = _seg(KEEP, b, qb, hb * HALF, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
-        f3 = _seg(KEEP, b, qb, hb * HALF + 64, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
+        b, m0, ha, hb, f0, f1, f2, f3 = _item(ITEMS, KEEP, pos, n_full, n_comp, CAP_FULL, tiles_m, FIRST_TILE, N,
+                                              SPARSE_COLS, stride_kb, stride_kh, stride_kq, HALF, HEAD_DIM, BLOCK_Q)
         cnt = 0
         for r in range(gl.cdiv(n_comp, P)):
             here = pos < n_comp
             cb, cm0, cha, chb, c0_, c1_, c2_, c3_ = b, m0, ha, hb, f0, f1, f2, f3
             pos = _dealt(r + 1, pid, P)
-            b, qb, m0, ha, hb = _decode(_computed(ITEMS, pos, n_full, n_comp, CAP_FULL), tiles_m, FIRST_TILE,
-                                        BLOCK_Q)
-            f0 = _seg(KEEP, b, qb, ha * HALF, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
-            f1 = _seg(KEEP, b, qb, ha * HALF + 64, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
-            f2 = _seg(KEEP, b, qb, hb * HALF, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
-            f3 = _seg(KEEP, b, qb, hb * HALF + 64, N, SPARSE_COLS, stride_kb, stride_kh, stride_kq, HEAD_DIM)
+            b, m0, ha, hb, f0, f1, f2, f3 = _item(ITEMS, KEEP, pos, n_full, n_comp, CAP_FULL, tiles_m, FIRST_TILE, N,
+                                                  SPARSE_COLS, stride_kb, stride_kh, stride_kq, HALF, HEAD_DIM,
+                                                  BLOCK_Q)
             if here:
                 bi = cb.to(gl.int32)
                 if chb != 255:
@@ -382,8 +386,8 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES, 0)),
             (_consumer, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES, 1)),
-            (_loader, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES)),
-            (_zero_writer, (args, HAS_BIAS, HEAD_DIM, BLOCK_Q, STAGES)),
+            (_loader, (args, BLOCK_Q, STAGES)),
+            (_zero_writer, (args, BLOCK_Q)),
         ], [4, 1, 1], [232, 40, 40])
 
 
