@@ -57,8 +57,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .gluon_hopper import (AVAILABLE, GluonDescriptor, fence_async_shared, gl, gluon, mbarrier, tma, tma_ok,
-                           warpgroup_mma, warpgroup_mma_wait)
+from .gluon_hopper import (AVAILABLE, GluonDescriptor, fence_async_shared, gl, gluon, mbarrier, ring_mma, tma,
+                           tma_ok)
 from .gluon_hopper import tma_load as _tma_load
 from .gluon_hopper import tma_store as _tma_store
 from .launch import capability, cdiv, num_sms
@@ -247,21 +247,10 @@ if AVAILABLE:
                     mbarrier.wait(ready.index((cnt + k) % STAGES), ((cnt + k) // STAGES) & 1)
                     mbarrier.arrive(empty.index((cnt + k) % STAGES), count=1)
             else:
-                acc = gl.zeros([SUB_M, BLOCK_N], gl.float32, layout=acc_layout)
-                for k in range(n):
-                    s = (cnt + k) % STAGES
-                    mbarrier.wait(ready.index(s), ((cnt + k) // STAGES) & 1)
-                    a2 = a_smem.index(s).reshape([BLOCK_M, BLOCK_K])
-                    if COOP:
-                        a2 = a2.slice(X * SUB_M, SUB_M, 0)     # this consumer's rows; the W slice is shared
-                    acc = warpgroup_mma(a2, w_smem.index(s).permute((1, 0)), acc, is_async=True)
-                    # one product in flight: the previous one is done, so its stage goes back
-                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                    if k > 0:
-                        mbarrier.arrive(empty.index((cnt + k - 1) % STAGES), count=1)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                if n > 0:
-                    mbarrier.arrive(empty.index((cnt + n - 1) % STAGES), count=1)
+                # cooperative: this consumer's rows of each stage (ping-pong: all of them); the W slice is shared
+                acc = ring_mma(a_smem, w_smem, ready, empty, cnt, n,
+                               gl.zeros([SUB_M, BLOCK_N], gl.float32, layout=acc_layout),
+                               X * SUB_M, SUB_M, BLOCK_N, STAGES)
                 # Epilogue: y = acc (+ c) (+ bias), through the consumer's shared buffer and a TMA store.
                 buf = c_smem.index(X)
                 buf2 = buf.reshape([SUB_M, BLOCK_N])

@@ -55,8 +55,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gluon_hopper import (AVAILABLE, GluonDescriptor, fence_async_shared, gl, gluon, mbarrier, thread_barrier, tma,
-                           tma_ok, warpgroup_mma, warpgroup_mma_wait)
+from .gluon_hopper import (AVAILABLE, GluonDescriptor, fence_async_shared, gl, gluon, mbarrier, ring_mma,
+                           thread_barrier, tma, tma_ok)
 from .gluon_hopper import tma_load as _tma_load
 from .gluon_hopper import tma_store as _tma_store
 from .launch import capability, cdiv, num_sms
@@ -260,27 +260,6 @@ if AVAILABLE:
         tma.store_wait(0)
 
     @gluon.jit
-    def _reduce(a_smem, w_smem, ready, empty, cnt, nsteps, acc, X: gl.constexpr, WIDTH: gl.constexpr,
-                STAGES: gl.constexpr):
-        """``acc +`` this consumer's 64 rows of x times the first WIDTH rows of the W stage over ``nsteps``
-        stages, one product in flight; each stage is released once its product is done."""
-        BM: gl.constexpr = a_smem.shape[2]
-        BK: gl.constexpr = a_smem.shape[3]
-        for k in range(nsteps):
-            s = (cnt + k) % STAGES
-            mbarrier.wait(ready.index(s), ((cnt + k) // STAGES) & 1)
-            a2 = a_smem.index(s).reshape([BM, BK]).slice(X * 64, 64, 0)
-            w2 = w_smem.index(s).slice(0, WIDTH)
-            acc = warpgroup_mma(a2, w2.permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            if k > 0:
-                mbarrier.arrive(empty.index((cnt + k - 1) % STAGES), count=1)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if nsteps > 0:
-            mbarrier.arrive(empty.index((cnt + nsteps - 1) % STAGES), count=1)
-        return acc
-
-    @gluon.jit
     def _epilogue(acc, buf, desc, BIAS, b, row0, ha, hb, N, f0, f1, f2, f3, HAS_BIAS: gl.constexpr):
         """``acc (+ bias)``, the columns of unkept segments zeroed, written into ``buf`` and stored by TMA:
         its first 128 columns at half ``ha``, the next 128 (a full item) at half ``hb``."""
@@ -349,12 +328,13 @@ if AVAILABLE:
             if here:
                 bi = cb.to(gl.int32)
                 if chb != 255:
-                    acc = _reduce(a_smem, w_smem, ready, empty, cnt, nsteps,
-                                  gl.zeros([64, 2 * HALF], gl.float32, layout=acc_full), X, 2 * HALF, STAGES)
+                    acc = ring_mma(a_smem, w_smem, ready, empty, cnt, nsteps,
+                                   gl.zeros([64, 2 * HALF], gl.float32, layout=acc_full), X * 64, 64, 2 * HALF,
+                                   STAGES)
                     _epilogue(acc, buf, desc_y, BIAS, bi, cm0 + X * 64, cha, chb, N, c0_, c1_, c2_, c3_, HAS_BIAS)
                 else:
-                    acc_h = _reduce(a_smem, w_smem, ready, empty, cnt, nsteps,
-                                    gl.zeros([64, HALF], gl.float32, layout=acc_half), X, HALF, STAGES)
+                    acc_h = ring_mma(a_smem, w_smem, ready, empty, cnt, nsteps,
+                                     gl.zeros([64, HALF], gl.float32, layout=acc_half), X * 64, 64, HALF, STAGES)
                     _epilogue(acc_h, buf, desc_y, BIAS, bi, cm0 + X * 64, cha, cha, N, c0_, c1_, True, True,
                               HAS_BIAS)
                 cnt += nsteps

@@ -24,9 +24,36 @@ except ImportError:  # pragma: no cover - older triton
     GluonDescriptor = tma_load = tma_store = thread_barrier = None
 
 __all__ = ["AVAILABLE", "GluonDescriptor", "fence_async_shared", "gl", "gluon", "mbarrier", "tma", "tma_load",
-           "thread_barrier", "tma_ok", "tma_store", "warpgroup_mma", "warpgroup_mma_wait"]
+           "ring_mma", "thread_barrier", "tma_ok", "tma_store", "warpgroup_mma", "warpgroup_mma_wait"]
 
 AVAILABLE = gluon is not None
+
+if AVAILABLE:
+    @gluon.jit
+    def ring_mma(a_smem, w_smem, ready, empty, cnt, nsteps, acc, ROW0: gl.constexpr, ROWS: gl.constexpr,
+                 WIDTH: gl.constexpr, STAGES: gl.constexpr):
+        """``acc +`` rows ``ROW0 .. ROW0 + ROWS - 1`` of each A stage times the first ``WIDTH`` rows of its W
+        stage (transposed), over the ring stages ``cnt .. cnt + nsteps - 1``: one product in flight, each
+        stage released on its *empty* mbarrier once its product is done (the GEMM kernels' consumer loop)."""
+        BM: gl.constexpr = a_smem.shape[2]
+        BK: gl.constexpr = a_smem.shape[3]
+        for k in range(nsteps):
+            s = (cnt + k) % STAGES
+            mbarrier.wait(ready.index(s), ((cnt + k) // STAGES) & 1)
+            a2 = a_smem.index(s).reshape([BM, BK])
+            if ROWS != BM:
+                a2 = a2.slice(ROW0, ROWS, 0)
+            w2 = w_smem.index(s)
+            if WIDTH != w_smem.shape[1]:
+                w2 = w2.slice(0, WIDTH)
+            acc = warpgroup_mma(a2, w2.permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if k > 0:
+                mbarrier.arrive(empty.index((cnt + k - 1) % STAGES), count=1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if nsteps > 0:
+            mbarrier.arrive(empty.index((cnt + nsteps - 1) % STAGES), count=1)
+        return acc
 
 
 def tma_ok(t: torch.Tensor) -> bool:
