@@ -24,15 +24,15 @@ from flashomni_compile.symbols import kv_block_lists, num_blocks
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 GLUON = {"k2": KernelConfig(128, 128, 8, 3, gluon=True),          # K ring depth 2 (the table's) and 3
          "k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3),
-         "c1": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=1, consumers=1)}   # one consumer a CTA (experimental)
+         "c1": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=1, consumers=1)}   # one consumer a CTA
 
 
 # Known: on triton 3.6 (not 3.9) ptxas spills 16 B in the one variant with lists, a key padding mask,
 # cached rows and a partial last kv-block at D=128 (since the intra-warpgroup overlap; more registers for
 # the partitions did not change it; NOTES.md session 8), and two of its local-memory accesses are in the
-# kv loop (sm90_compile.local_accesses_in_loops). The experimental one-consumer CTA (``consumers=1``: 216
-# registers for the consumer, so that two CTAs share an SM) spills in a cached-rows variant at D=128 on
-# each triton, in the loop (NOTES.md session 11; it is not in the launch table). Every other variant must
+# kv loop (sm90_compile.local_accesses_in_loops). The one-consumer CTA (``consumers=1``: 216 registers for
+# the consumer, so that two CTAs share an SM; the table's choice for short sparse calls) spills in a
+# cached-rows variant at D=128 on each triton, in the loop (NOTES.md session 11). Every other variant must
 # not spill. Keys: (variant, D, consumers) -> (bytes, accesses in the kv loop).
 KNOWN_SPILL = {"3.6": {("lists_cache_kpm", 128, 2): (16, 2), ("lists_cache_kpm", 128, 1): (72, 19)},
                "3.9": {("cache", 128, 1): (48, 11)}}
@@ -106,6 +106,19 @@ def _padding(kind, B, Nkv, g):
     return kpm
 
 
+def _poison_and_record_launches(monkeypatch) -> list:
+    """NaN-fill every output the launcher allocates; return the list of Gluon launches (their consumer
+    counts) the calls that follow make."""
+    real = attention.empty_output
+    monkeypatch.setattr(attention, "empty_output",
+                        lambda q_, v_: tuple(t.fill_(float("nan")) for t in real(q_, v_)))
+    launched = []
+    real_launch = attention_sm90.sparse_attention_sm90
+    monkeypatch.setattr(attention_sm90, "sparse_attention_sm90",
+                        lambda *a, **kw: launched.append(kw["consumers"]) or real_launch(*a, **kw))
+    return launched
+
+
 @pytest.mark.skipif(not (HOPPER and attention_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")
 @pytest.mark.parametrize("variant", sorted(GLUON))
 @pytest.mark.parametrize("Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms", CASES)
@@ -134,13 +147,7 @@ def test_matches_reference(Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms, 
     cnt, idx = kv_block_lists(kv_keep) if kv_d < 1 else (None, None)
     scale, delta = 1.0 / math.sqrt(D), 0.7
 
-    real = attention.empty_output
-    monkeypatch.setattr(attention, "empty_output",
-                        lambda q_, v_: tuple(t.fill_(float("nan")) for t in real(q_, v_)))
-    launched = []
-    real_launch = attention_sm90.sparse_attention_sm90
-    monkeypatch.setattr(attention_sm90, "sparse_attention_sm90",
-                        lambda *a, **kw: launched.append(1) or real_launch(*a, **kw))
+    launched = _poison_and_record_launches(monkeypatch)
     out, lse = sparse_attention_triton(q, k, v, q_keep if cache is not None else None, cnt, idx, cache, kpm,
                                        scale, 128, 128, c1, c2, delta, config=GLUON[variant])
     assert launched, "the Gluon kernel did not run"
@@ -172,6 +179,42 @@ def test_table_routes_long_sequences_to_gluon(D, N, routed, monkeypatch):
     out, _ = sparse_attention_triton(q, k, v, None, None, None, None, None, D ** -0.5, 128, 128)
     assert bool(launched) == routed
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
+
+
+def test_table_gives_short_sparse_calls_one_consumer():
+    cfg = attention._TABLE[("sm90", 128)]
+    short, long_ = attention.ONE_CONSUMER_MAX_NKV, attention.ONE_CONSUMER_MAX_NKV + 128
+    assert attention.gluon_launch(cfg, short, sparse=True) == (1, 1)
+    assert attention.gluon_launch(cfg, short, sparse=False) == (cfg.k_stages, cfg.consumers) == (2, 2)
+    assert attention.gluon_launch(cfg, long_, sparse=True) == (2, 2)
+    # D = 64 (not measured with one consumer) and explicit configs keep their own
+    assert attention.gluon_launch(attention._TABLE[("sm90", 64)], 4608, sparse=True) == (2, 2)
+    assert attention.gluon_launch(GLUON["k3"], 4608, sparse=True) == (3, 2)
+
+
+@pytest.mark.skipif(not (HOPPER and attention_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("sparse, N, consumers", [(True, 4608, 1), (False, 4608, 2), (True, 16384, 2)])
+def test_table_launches_one_consumer_for_short_sparse_calls(sparse, N, consumers, monkeypatch):
+    """Through the table, a sparse call (kv lists, cached q-blocks) of a short sequence launches the
+    one-consumer CTA and matches the reference; a dense or long one keeps two consumers."""
+    g = torch.Generator("cuda").manual_seed(random.SystemRandom().randrange(2 ** 31))
+    B, H, D = 1, 2, 128
+    q, k, v = (torch.randn(B, N, H, D, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    nb = num_blocks(N, 128)
+    kv_keep = torch.rand(B, H, nb, nb, generator=g, device="cuda") < 0.3
+    kv_keep |= torch.eye(nb, dtype=torch.bool, device="cuda")
+    q_keep = torch.rand(B, H, nb, generator=g, device="cuda") < 0.5
+    cache = torch.randn(B, H, N, D, generator=g, device="cuda").to(torch.bfloat16)
+    cnt, idx = kv_block_lists(kv_keep)
+    if not sparse:
+        q_keep = cnt = idx = cache = None
+    seen = _poison_and_record_launches(monkeypatch)
+    out, _ = sparse_attention_triton(q, k, v, q_keep, cnt, idx, cache, None, D ** -0.5, 128, 128)
+    assert seen == [consumers]
+    ref, _ = sparse_attention_ref(q.double(), k.double(), v.double(), q_keep, cnt, idx,
+                                  None if cache is None else cache.double(), None, D ** -0.5, 128, 128)
     assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
 
 

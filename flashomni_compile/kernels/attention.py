@@ -15,7 +15,8 @@ This file holds, in order: the Triton kernels, the launch table and the launcher
 ``sparse_attention_triton``, and the reference twin ``sparse_attention_ref`` with the same signature.
 On Hopper the launcher hands the calls its table marks (``KernelConfig.gluon``: head dim 128 from
 ``GLUON_MIN_NKV`` keys, head dim 64 from 8192) to the warp-specialised Gluon kernel of
-``attention_sm90.py`` when they qualify.
+``attention_sm90.py`` when they qualify; at head dim 128 sparse calls of at most ``ONE_CONSUMER_MAX_NKV``
+keys take its one-consumer CTA (``gluon_launch``).
 Output layout for both: ``out`` has shape ``[B, H, Nq, D]`` and memory order ``[B, Nq, H, D]`` (like
 SDPA's flash path, so the usual ``transpose(1, 2).reshape(B, Nq, H * D)`` that follows is free);
 ``lse`` is float32 ``[B, H, Nq]``.
@@ -255,9 +256,20 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, CACHE, CACHE1, CACHE2, QKEEP, KVCOUNT, KVI
 # Launch table and launcher
 # ---------------------------------------------------------------------------------------------------
 # The D=128 Gluon entry applies from this many keys on (``KernelConfig.gluon_min_nkv``'s default). H200,
-# D=128, H=24 (benchmarks/NOTES.md, session 8): at N=4608 the Gluon kernel took 0.438 ms dense against
-# 0.549 for the Triton kernel and 0.150 vs 0.168 at kv density 0.25; shorter sequences were not measured.
-GLUON_MIN_NKV = 4096
+# D=128, H=24, CUDA-graph replays (benchmarks/NOTES.md, sessions 8 and 12): at N=4608 the Gluon kernel took
+# 0.438 ms dense against 0.549 for the Triton kernel and 0.150 vs 0.168 at kv density 0.25; at N=2048 0.096
+# dense against the Triton kernel's 0.116 (dense lists) and 0.071 vs 0.080 at q density 0.5; shorter
+# sequences were not measured.
+GLUON_MIN_NKV = 2048
+# Sparse calls (kv lists or cached q-blocks) with at most this many keys run the D=128 Gluon entry's
+# one-consumer CTA (64 rows, two CTAs an SM: one's start and epilogue overlap the other's tiles). H200,
+# D=128, H=24, graph replays (NOTES.md session 12), one consumer against two, ms:
+#   N=2048:  kv density 0.1 0.032 vs 0.040, 0.25 0.041 vs 0.048, q density 0.5 0.064 vs 0.071;
+#   N=4608:  kv 0.1 0.084 vs 0.099, 0.25 0.139 vs 0.147, 0.5 0.242 vs 0.247, q 0.5 0.256 vs 0.261;
+#   N=8192:  kv 0.1 0.178 vs 0.197, but 0.5 0.731 vs 0.699, q 0.5 0.747 vs 0.700, dense 1.61 vs 1.27;
+#   N=16384: slower at every density (kv 0.1 0.685 vs 0.675, dense 5.75 vs 5.15).
+# Dense calls keep two consumers (N=4608: 0.437 vs 0.422). Between 4608 and 8192 keys nothing was measured.
+ONE_CONSUMER_MAX_NKV = 6144
 
 
 @dataclass(frozen=True)
@@ -280,12 +292,14 @@ class KernelConfig:
     # Hopper only: the warp-specialised Gluon kernel (``attention_sm90.py``) when the call qualifies
     # (``attention_sm90.supports``; from the table also only from ``gluon_min_nkv`` keys on);
     # ``k_stages`` is the depth of its K ring, ``consumers`` its consumer warpgroups a CTA (2: 128 rows, one
-    # CTA an SM; 1: 64 rows, two CTAs an SM, an experiment not in the table: NOTES.md session 11). The
-    # other fields then do not apply.
+    # CTA an SM; 1: 64 rows, two CTAs an SM, with one K buffer at D = 128). ``one_consumer_max_nkv``: the
+    # table's sparse calls (kv lists or cached q-blocks) with at most this many keys take one consumer
+    # and one K buffer instead (``gluon_launch``). The other fields then do not apply.
     gluon: bool = False
     k_stages: int = 2
     gluon_min_nkv: int = GLUON_MIN_NKV
     consumers: int = 2
+    one_consumer_max_nkv: int = 0
 
     def stages(self, lists: bool) -> int:
         if not lists:
@@ -304,7 +318,8 @@ _TABLE = {
     # D=64: 3.84 ms vs 4.34 for 128x128 (N=16384, H=24, H100); Gluon from 8192 keys (H200, H=32, N=16384:
     # 3.73 ms dense vs 3.95, 0.99 vs 1.05 at kv density 0.25; at 4608 not shown faster: NOTES.md session 8)
     ("sm90", 64): KernelConfig(128, 64, 8, 3, gluon=True, gluon_min_nkv=8192),
-    ("sm90", 128): KernelConfig(128, 128, 8, 3, gluon=True),   # Gluon from GLUON_MIN_NKV keys, else these tiles
+    # Gluon from GLUON_MIN_NKV keys, else these tiles; sparse calls up to ONE_CONSUMER_MAX_NKV keys: one consumer
+    ("sm90", 128): KernelConfig(128, 128, 8, 3, gluon=True, one_consumer_max_nkv=ONE_CONSUMER_MAX_NKV),
     ("sm90", 256): KernelConfig(128, 32, 8, 2),   # 128x64 spilled 56 B/thread (ptxas, triton 3.6)
     ("sm80", 16): KernelConfig(128, 64, 4, 3),
     ("sm80", 32): KernelConfig(128, 64, 4, 3),
@@ -328,6 +343,15 @@ def gluon_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int 
     else:
         cfg = config
     return cfg.gluon and attention_sm90.supports(q, k, v, block_q, block_kv)
+
+
+def gluon_launch(cfg: KernelConfig, nkv: int, sparse: bool) -> tuple[int, int]:
+    """``(k_stages, consumers)`` of the Gluon kernel for a call under ``cfg``: a sparse call (kv lists or
+    cached q-blocks) with at most ``cfg.one_consumer_max_nkv`` keys runs the one-consumer CTA with one K
+    buffer; every other call ``cfg``'s own."""
+    if sparse and nkv <= cfg.one_consumer_max_nkv:
+        return 1, 1
+    return cfg.k_stages, cfg.consumers
 
 
 def _arch(device: torch.device) -> str:
@@ -412,10 +436,11 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        *(kv_index.stride() if kv_index is not None else (0, 0, 0, 0)),
                        *(key_padding_mask.stride() if key_padding_mask is not None else (0, 0)))
     if gluon:
+        k_stages, consumers = gluon_launch(cfg, Nkv, sparse=q_keep is not None or kv_count is not None)
         attention_sm90.sparse_attention_sm90(q, k, v, operands, operand_strides, q_keep is not None,
                                              kv_count is not None, key_padding_mask is not None, terms, scale,
-                                             cache_delta, out, lse, launch, k_stages=cfg.k_stages,
-                                             consumers=cfg.consumers)
+                                             cache_delta, out, lse, launch, k_stages=k_stages,
+                                             consumers=consumers)
         return out, lse
     use_tma = cfg.tma and q.is_cuda and _tma_ok(k) and _tma_ok(v)
     if use_tma:

@@ -25,6 +25,15 @@ FlashAttention-3's inter-warpgroup overlap (section 3.1; no explicit ping-pong h
 kernel in FlashAttention-2 order (S_t, wait for it and PV_{t-1}, softmax, issue PV_t), 5.18 vs 5.34 ms at
 16384, 0.438 vs 0.434 at 4608.
 
+One consumer (``consumers=1``, the launch table's choice for sparse calls of short sequences,
+``attention.gluon_launch``): a CTA of 64 query rows (two programs a q-block), the loader and one consumer
+at 216 registers, and at D = 128 one K buffer beside two V buffers (112 KB), so that two CTAs share an
+SM and one's start (Q, first K) and epilogue run beside the other's tiles. A program visiting a few kv
+tiles (N = 4608 at kv density 0.1: ~4) spends about as long on those as on its tiles; two CTAs an SM
+hide part of that: 0.084 vs 0.099 ms there (H200). Each K/V tile then feeds 64 rows instead of 128
+(twice the shared-memory traffic per FLOP), so dense calls and long rows stay on two consumers
+(N = 8192 dense 1.61 vs 1.27 ms; NOTES.md session 12).
+
 Tried and dropped (NOTES.md): the same intra-warpgroup pipelining without warp specialisation (one
 program per 128 rows, Triton-style): ptxas placed the full wait before the first write to a register the
 in-flight products had touched, so the softmax did not overlap; 1% slower than the Triton kernel.
