@@ -167,7 +167,7 @@ def test_matches_reference(Nq, Nkv, D, dtype, kv_d, q_d, layout, padded, terms, 
 
 @pytest.mark.skipif(not (HOPPER and attention_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")
 @pytest.mark.parametrize("D, N, routed", [(128, attention.GLUON_MIN_NKV, True), (128, attention.GLUON_MIN_NKV - 128, False),
-                                          (64, 8192, True), (64, 8064, False)])
+                                          (64, 2048, True), (64, 1920, False)])
 def test_table_routes_long_sequences_to_gluon(D, N, routed, monkeypatch):
     g = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(1, N, 2, D, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)
@@ -188,18 +188,20 @@ def test_table_gives_short_sparse_calls_one_consumer():
     assert attention.gluon_launch(cfg, short, sparse=True) == (1, 1)
     assert attention.gluon_launch(cfg, short, sparse=False) == (cfg.k_stages, cfg.consumers) == (2, 2)
     assert attention.gluon_launch(cfg, long_, sparse=True) == (2, 2)
-    # D = 64 (not measured with one consumer) and explicit configs keep their own
-    assert attention.gluon_launch(attention._TABLE[("sm90", 64)], 4608, sparse=True) == (2, 2)
-    assert attention.gluon_launch(GLUON["k3"], 4608, sparse=True) == (3, 2)
+    d64 = attention._TABLE[("sm90", 64)]     # D = 64: dense calls too, up to 8192 keys
+    assert attention.gluon_launch(d64, 8192, sparse=False) == attention.gluon_launch(d64, 8192, sparse=True) == (1, 1)
+    assert attention.gluon_launch(d64, 8320, sparse=False) == attention.gluon_launch(d64, 8320, sparse=True) == (2, 2)
+    assert attention.gluon_launch(GLUON["k3"], 4608, sparse=True) == (3, 2)     # explicit configs keep their own
 
 
 @pytest.mark.skipif(not (HOPPER and attention_sm90.AVAILABLE), reason="needs a Hopper GPU and Gluon")
-@pytest.mark.parametrize("sparse, N, consumers", [(True, 4608, 1), (False, 4608, 2), (True, 16384, 2)])
-def test_table_launches_one_consumer_for_short_sparse_calls(sparse, N, consumers, monkeypatch):
-    """Through the table, a sparse call (kv lists, cached q-blocks) of a short sequence launches the
-    one-consumer CTA and matches the reference; a dense or long one keeps two consumers."""
+@pytest.mark.parametrize("D, sparse, N, consumers", [(128, True, 4608, 1), (128, False, 4608, 2), (128, True, 16384, 2),
+                                                     (64, False, 4608, 1), (64, True, 16384, 2)])
+def test_table_launches_one_consumer_for_short_calls(D, sparse, N, consumers, monkeypatch):
+    """Through the table, a short call launches the one-consumer CTA (at D = 128 sparse ones only: kv lists,
+    cached q-blocks) and matches the reference; long ones keep two consumers."""
     g = torch.Generator("cuda").manual_seed(random.SystemRandom().randrange(2 ** 31))
-    B, H, D = 1, 2, 128
+    B, H = 1, 2
     q, k, v = (torch.randn(B, N, H, D, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)
                for _ in range(3))
     nb = num_blocks(N, 128)

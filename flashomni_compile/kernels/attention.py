@@ -13,10 +13,10 @@ skipped block costs nothing. Online softmax after FlashAttention-2 (Dao, 2023); 
 
 This file holds, in order: the Triton kernels, the launch table and the launcher
 ``sparse_attention_triton``, and the reference twin ``sparse_attention_ref`` with the same signature.
-On Hopper the launcher hands the calls its table marks (``KernelConfig.gluon``: head dim 128 from
-``GLUON_MIN_NKV`` keys, head dim 64 from 8192) to the warp-specialised Gluon kernel of
-``attention_sm90.py`` when they qualify; at head dim 128 sparse calls of at most ``ONE_CONSUMER_MAX_NKV``
-keys take its one-consumer CTA (``gluon_launch``).
+On Hopper the launcher hands the calls its table marks (``KernelConfig.gluon``: head dims 64 and 128
+from ``GLUON_MIN_NKV`` keys) to the warp-specialised Gluon kernel of ``attention_sm90.py`` when they
+qualify; short calls take its one-consumer CTA (``gluon_launch``: at head dim 128 sparse calls of at most
+``ONE_CONSUMER_MAX_NKV`` keys, at 64 every call of at most 8192).
 Output layout for both: ``out`` has shape ``[B, H, Nq, D]`` and memory order ``[B, Nq, H, D]`` (like
 SDPA's flash path, so the usual ``transpose(1, 2).reshape(B, Nq, H * D)`` that follows is free);
 ``lse`` is float32 ``[B, H, Nq]``.
@@ -292,14 +292,16 @@ class KernelConfig:
     # Hopper only: the warp-specialised Gluon kernel (``attention_sm90.py``) when the call qualifies
     # (``attention_sm90.supports``; from the table also only from ``gluon_min_nkv`` keys on);
     # ``k_stages`` is the depth of its K ring, ``consumers`` its consumer warpgroups a CTA (2: 128 rows, one
-    # CTA an SM; 1: 64 rows, two CTAs an SM, with one K buffer at D = 128). ``one_consumer_max_nkv``: the
-    # table's sparse calls (kv lists or cached q-blocks) with at most this many keys take one consumer
-    # and one K buffer instead (``gluon_launch``). The other fields then do not apply.
+    # CTA an SM; 1: 64 rows, two CTAs an SM, with one K buffer at D = 128). ``one_consumer_max_nkv`` /
+    # ``one_consumer_dense_max_nkv``: the table's sparse calls (kv lists or cached q-blocks) / dense calls
+    # with at most this many keys take one consumer and one K buffer instead (``gluon_launch``). The other
+    # fields then do not apply.
     gluon: bool = False
     k_stages: int = 2
     gluon_min_nkv: int = GLUON_MIN_NKV
     consumers: int = 2
     one_consumer_max_nkv: int = 0
+    one_consumer_dense_max_nkv: int = 0
 
     def stages(self, lists: bool) -> int:
         if not lists:
@@ -315,9 +317,13 @@ class KernelConfig:
 _TABLE = {
     ("sm90", 16): KernelConfig(128, 128, 8, 3),
     ("sm90", 32): KernelConfig(128, 128, 8, 3),   # 4 warps spilled 120 B/thread (ptxas, triton 3.6)
-    # D=64: 3.84 ms vs 4.34 for 128x128 (N=16384, H=24, H100); Gluon from 8192 keys (H200, H=32, N=16384:
-    # 3.73 ms dense vs 3.95, 0.99 vs 1.05 at kv density 0.25; at 4608 not shown faster: NOTES.md session 8)
-    ("sm90", 64): KernelConfig(128, 64, 8, 3, gluon=True, gluon_min_nkv=8192),
+    # D=64: 3.84 ms vs 4.34 for 128x128 (N=16384, H=24, H100). Gluon from 2048 keys, one consumer for every
+    # call up to 8192 keys (H200, H=24, graph replays, NOTES.md session 12; ms, one consumer / two / this
+    # Triton entry): N=2048 dense 0.065 / 0.072 / 0.074, q density 0.5 0.044 / 0.055 / 0.064; N=4608 dense
+    # 0.308 / 0.319 / 0.343, kv density 0.1 0.057 / 0.073 / 0.067; N=8192 dense 0.937 / 0.942 / 0.911, kv 0.1
+    # 0.120 / 0.145 / 0.144; N=16384 mixed (dense 3.86 / 3.72, kv 0.1 0.427 / 0.464), so two consumers there.
+    ("sm90", 64): KernelConfig(128, 64, 8, 3, gluon=True, gluon_min_nkv=2048, one_consumer_max_nkv=8192,
+                               one_consumer_dense_max_nkv=8192),
     # Gluon from GLUON_MIN_NKV keys, else these tiles; sparse calls up to ONE_CONSUMER_MAX_NKV keys: one consumer
     ("sm90", 128): KernelConfig(128, 128, 8, 3, gluon=True, one_consumer_max_nkv=ONE_CONSUMER_MAX_NKV),
     ("sm90", 256): KernelConfig(128, 32, 8, 2),   # 128x64 spilled 56 B/thread (ptxas, triton 3.6)
@@ -347,9 +353,10 @@ def gluon_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int 
 
 def gluon_launch(cfg: KernelConfig, nkv: int, sparse: bool) -> tuple[int, int]:
     """``(k_stages, consumers)`` of the Gluon kernel for a call under ``cfg``: a sparse call (kv lists or
-    cached q-blocks) with at most ``cfg.one_consumer_max_nkv`` keys runs the one-consumer CTA with one K
-    buffer; every other call ``cfg``'s own."""
-    if sparse and nkv <= cfg.one_consumer_max_nkv:
+    cached q-blocks) with at most ``cfg.one_consumer_max_nkv`` keys, or a dense one with at most
+    ``cfg.one_consumer_dense_max_nkv``, runs the one-consumer CTA with one K buffer; every other call
+    ``cfg``'s own."""
+    if nkv <= (cfg.one_consumer_max_nkv if sparse else cfg.one_consumer_dense_max_nkv):
         return 1, 1
     return cfg.k_stages, cfg.consumers
 
