@@ -1,7 +1,7 @@
 """Full-width diffusers DiTs with random weights for the GPU benchmarks (bench_compile, bench_e2e).
 
 Each builder returns ``(model, forward kwargs, config dict)``; ``tiny`` gives toy sizes for CPU smoke runs.
-Layer counts are parameters: full size is Flux 19 double + 38 single, HunyuanVideo 20 + 40.
+Layer counts are parameters: full size is Flux 19 double + 38 single, HunyuanVideo 20 + 40, SD3.5 Large 38.
 """
 
 from __future__ import annotations
@@ -66,4 +66,31 @@ def hunyuan_video(tiny: bool, double: int, single: int, dtype, device, thw=(9, 6
                   encoder_hidden_states=torch.randn(1, n_txt, c.text_embed_dim, dtype=dtype),
                   encoder_attention_mask=mask, pooled_projections=torch.randn(1, c.pooled_projection_dim, dtype=dtype),
                   guidance=torch.tensor([6000.0], dtype=dtype), return_dict=False)
+    return model, kw, cfg
+
+
+def sd3(tiny: bool, layers: int, dtype, device, hw: int = 128, n_txt: int = 333):
+    """Stable Diffusion 3.5 Large widths (38 joint blocks, 38 heads of 64, RMS QK-norm); default 1024x1024:
+    128 x 128 latents, patch 2 -> 4096 image tokens, beside 333 text tokens (77 CLIP + 256 T5)."""
+    from diffusers import SD3Transformer2DModel
+
+    if tiny:
+        cfg = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                   pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16, qk_norm="rms_norm")
+        hw, n_txt = 8, 6
+    else:
+        cfg = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=64,
+                   num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+    with torch.device(device), _default_dtype(dtype):
+        model = SD3Transformer2DModel(**cfg).to(dtype).eval()
+        # diffusers 0.42 names no repeated blocks for SD3; the benchmark's regional compilation
+        # (compile_repeated_blocks, as for Flux and HunyuanVideo) needs them
+        model._repeated_blocks = ["JointTransformerBlock"]
+        c = model.config
+        kw = dict(hidden_states=torch.randn(1, c.in_channels, hw, hw, dtype=dtype),
+                  encoder_hidden_states=torch.randn(1, n_txt, c.joint_attention_dim, dtype=dtype),
+                  pooled_projections=torch.randn(1, c.pooled_projection_dim, dtype=dtype),
+                  timestep=torch.tensor([500.0]), return_dict=False)
     return model, kw, cfg

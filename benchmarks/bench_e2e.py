@@ -1,6 +1,7 @@
 """End to end: a denoising loop of a full-size DiT, Inductor dense vs flashomni (default policy), one run.
 
     python benchmarks/bench_e2e.py                       # GPU: HunyuanVideo ~33K tokens + Flux 1024^2
+    python benchmarks/bench_e2e.py --models sd3          # GPU: SD3.5 Large widths at 1024^2 (4,429 tokens)
     python benchmarks/bench_e2e.py --tiny --steps 6      # CPU smoke run at toy sizes
 
 Both implementations run the same Euler flow-matching loop (``x <- x + (t_next - t) * v``) from the same
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import (device_and_dtype, format_table, header, rel_err, results_path, runtime_density,  # noqa: E402
                      write_results)
-from _models import flux, hunyuan_video  # noqa: E402
+from _models import flux, hunyuan_video, sd3  # noqa: E402
 
 from flashomni_compile.runtime import engine  # noqa: E402
 from flashomni_compile.runtime.controller import clear_step, set_step, step_kind  # noqa: E402
@@ -57,7 +58,7 @@ def _latents_key(name: str) -> str:
 
 
 def _timestep(name: str, t: float, device) -> torch.Tensor:
-    # Flux takes t in [0, 1] (it scales by 1000 inside); HunyuanVideo takes t in [0, 1000].
+    # Flux takes t in [0, 1] (it scales by 1000 inside); HunyuanVideo and SD3 take t in [0, 1000].
     return torch.tensor([t if name == "flux" else t * 1000.0], device=device)
 
 
@@ -103,9 +104,13 @@ def denoise(model, kw: dict, name: str, steps: int, x0: torch.Tensor,
 def run_model(name: str, args, device, dtype) -> list[dict]:
     if name == "flux":
         model, kw, cfg = flux(args.tiny, args.flux_double, args.flux_single, dtype, device, hw=64)
-    else:
+    elif name == "sd3":
+        model, kw, cfg = sd3(args.tiny, args.sd3_layers, dtype, device)
+    elif name == "hunyuan_video":
         model, kw, cfg = hunyuan_video(args.tiny, args.hv_double, args.hv_single, dtype, device,
                                        thw=tuple(int(v) for v in args.hv_thw.split(",")))
+    else:
+        raise SystemExit(f"--models: unknown model {name!r} (flux, hunyuan_video, sd3)")
     x0 = kw[_latents_key(name)].clone()
     tokens = None
     records = []
@@ -166,7 +171,7 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
         med = lambda kind, j: (statistics.median([s[j] for s, k in zip(split, kinds) if k == kind])  # noqa: E731
                                if split and kind in kinds else None)
         tokens = tokens or _tokens(name, kw, model)
-        rec = {"model": "hunyuan_video" if name == "hunyuan_video" else "flux", "tokens": tokens,
+        rec = {"model": name, "tokens": tokens,
                "steps": args.steps, "impl": impl, "config": cname, "total_s": sum(times) / 1e3, "warmup_s": warm_s,
                "update_step_ms": statistics.median(upd) if upd else None,
                "dispatch_step_ms": statistics.median(dis) if dis else None,
@@ -215,6 +220,9 @@ def _tokens(name: str, kw: dict, model) -> int:
     x = kw["hidden_states"]
     if name == "flux":
         return x.shape[1] + kw["encoder_hidden_states"].shape[1]
+    if name == "sd3":
+        p = model.config.patch_size
+        return (x.shape[2] // p) * (x.shape[3] // p) + kw["encoder_hidden_states"].shape[1]
     p, pt = model.config.patch_size, model.config.patch_size_t
     t, h, w = x.shape[2:]
     return (t // pt) * (h // p) * (w // p) + kw["encoder_hidden_states"].shape[1]
@@ -229,6 +237,7 @@ def main():
     p.add_argument("--flux-single", type=int, default=38)
     p.add_argument("--hv-double", type=int, default=20)
     p.add_argument("--hv-single", type=int, default=40)
+    p.add_argument("--sd3-layers", type=int, default=38)
     p.add_argument("--hv-thw", default="13,80,128", help="latent frames,height,width (patch 1x2x2): "
                    "13,80,128 -> 33,280 video tokens")
     p.add_argument("--runtime", default="{}", help='extra run-time options as JSON, e.g. \'{"taylor_order": 0}\'')
