@@ -182,7 +182,7 @@ def test_table_routes_long_sequences_to_gluon(D, N, routed, monkeypatch):
     assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
 
 
-def test_table_gives_short_sparse_calls_one_consumer():
+def test_gluon_launch_gives_short_calls_one_consumer():
     cfg = attention._TABLE[("sm90", 128)]
     short, long_ = attention.ONE_CONSUMER_MAX_NKV, attention.ONE_CONSUMER_MAX_NKV + 128
     assert attention.gluon_launch(cfg, short, sparse=True) == (1, 1)

@@ -319,9 +319,10 @@ _TABLE = {
     ("sm90", 32): KernelConfig(128, 128, 8, 3),   # 4 warps spilled 120 B/thread (ptxas, triton 3.6)
     # D=64: 3.84 ms vs 4.34 for 128x128 (N=16384, H=24, H100). Gluon from 2048 keys, one consumer for every
     # call up to 8192 keys (H200, H=24, graph replays, NOTES.md session 12; ms, one consumer / two / this
-    # Triton entry): N=2048 dense 0.065 / 0.072 / 0.074, q density 0.5 0.044 / 0.055 / 0.064; N=4608 dense
-    # 0.308 / 0.319 / 0.343, kv density 0.1 0.057 / 0.073 / 0.067; N=8192 dense 0.937 / 0.942 / 0.911, kv 0.1
-    # 0.120 / 0.145 / 0.144; N=16384 mixed (dense 3.86 / 3.72, kv 0.1 0.427 / 0.464), so two consumers there.
+    # Triton entry with dense lists): N=2048 dense 0.065 / 0.072 / 0.074, q density 0.5 0.044 / 0.055 / 0.064;
+    # N=4608 dense 0.308 / 0.319 / 0.343, q 0.5 0.169 / 0.197 / 0.258, kv density 0.1 0.057 / 0.073 (Triton
+    # 128x128 tiles 0.067); N=8192 dense 0.937 / 0.942 (two consumers with dense lists 0.911), kv 0.1 0.120 /
+    # 0.145; N=16384 mixed (dense 3.86 / 3.72, kv 0.1 0.427 / 0.464), so two consumers there.
     ("sm90", 64): KernelConfig(128, 64, 8, 3, gluon=True, gluon_min_nkv=2048, one_consumer_max_nkv=8192,
                                one_consumer_dense_max_nkv=8192),
     # Gluon from GLUON_MIN_NKV keys, else these tiles; sparse calls up to ONE_CONSUMER_MAX_NKV keys: one consumer
