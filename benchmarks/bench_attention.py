@@ -59,14 +59,14 @@ VARIANTS = {
     "64x128_w4_s2": KernelConfig(64, 128, 4, 2),
     "tma_128x128_w8_s3": KernelConfig(128, 128, 8, 3, tma=True),
     "tma_64x64_w4_s3": KernelConfig(64, 64, 4, 3, tma=True),
-    # Hopper Gluon kernel (attention_sm90.py; the table takes it for N >= 2048 at D=128), K ring of 2 / 3 / 4;
+    # Hopper Gluon kernel (attention_sm90.py; the table takes it for N >= 2048 at D=64 and 128), K ring of 2 / 3 / 4;
     # triton_128x128_w8_s3 is the Triton kernel the table takes otherwise at D=128
     "triton_128x128_w8_s3": KernelConfig(128, 128, 8, 3),
     "gluon": KernelConfig(128, 128, 8, 3, gluon=True),
     "gluon_k3": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=3),
     "gluon_k4": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=4),
-    # one consumer warpgroup a CTA, 64 rows, two CTAs an SM (the table's for sparse calls up to 6144 keys at
-    # D=128: attention.ONE_CONSUMER_MAX_NKV); two K buffers fit beside two V buffers at D=64 only
+    # one consumer warpgroup a CTA, 64 rows, two CTAs an SM (the table's for short calls: attention.gluon_launch);
+    # two K buffers fit beside two V buffers at D=64 only
     "gluon_c1": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=1, consumers=1),
     "gluon_c1_k2": KernelConfig(128, 128, 8, 3, gluon=True, k_stages=2, consumers=1),
 }
