@@ -62,6 +62,24 @@ def _timestep(name: str, t: float, device) -> torch.Tensor:
     return torch.tensor([t if name == "flux" else t * 1000.0], device=device)
 
 
+def kernel_summary(prof, top: int = 25) -> str:
+    """The GPU kernels of a profile by size: how many ran, their summed time, how much of it went to
+    small kernels (under 10 us each, the launches an eager step pays for its glue), and the kernels
+    that ran most often."""
+    ker = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    tot = sum(e.device_time_total for e in ker)
+    small = [e for e in ker if e.device_time_total < 10.0]
+    by: dict = {}
+    for e in ker:
+        n, t = by.get(e.name, (0, 0.0))
+        by[e.name] = (n + 1, t + e.device_time_total)
+    lines = [f"kernels: {len(ker)}, {tot / 1e3:.2f} ms; under 10 us: {len(small)}, "
+             f"{sum(e.device_time_total for e in small) / 1e3:.2f} ms", f"{'count':>6} {'ms':>8}  name"]
+    for name, (n, t) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{n:6d} {t / 1e3:8.3f}  {name[:100]}")
+    return "\n".join(lines)
+
+
 def denoise(model, kw: dict, name: str, steps: int, x0: torch.Tensor,
             run_steps: int | None = None, profile: dict | None = None,
             split: list | None = None) -> tuple[torch.Tensor, list[float]]:
@@ -83,7 +101,8 @@ def denoise(model, kw: dict, name: str, steps: int, x0: torch.Tensor,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 v = model(**args)[0]
                 _sync()
-            profile[i] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70)
+            profile[i] = (prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18,
+                                                    max_name_column_width=70) + "\n" + kernel_summary(prof))
         else:
             if cuda:
                 ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -4,6 +4,7 @@
     python tests/sm90_compile_check.py gemm_o   # GEMM-O (gemm_o_sm90.py), the same fields and "loop_local"
     python tests/sm90_compile_check.py gemm_q   # GEMM-Q (gemm_q_sm90.py), the same fields as gemm_o
     python tests/sm90_compile_check.py refresh  # the refresh pass (refresh.py, a Triton kernel), the same fields
+    python tests/sm90_compile_check.py plan     # the update step's planning kernels (plan.py), the same fields
     python tests/sm90_compile_check.py probe    # the in-loop spill check on a kernel that spills and one that does not
 
 Under ``sm90_target`` (a stub driver reporting sm_90) each launch becomes ``kernel.warmup`` (compile only)
@@ -131,6 +132,37 @@ def refresh_main() -> None:
     sys.stdout.flush()
 
 
+def plan_main() -> None:
+    """The planning kernels (plan.py, Triton) at the runtime's shapes: kv_select, q_select (with and
+    without text guidance) and store_plan, for a short (Flux 4608 / 128) and a long (33792 / 128) site."""
+    from flashomni_compile.kernels import plan
+
+    for nqb in (36, 264):
+        B, H = 2, 24
+        scores = torch.empty(B, H, nqb, nqb)
+        change = torch.empty(B, H, nqb)
+        q_keep, kv_keep = torch.empty(B, H, nqb, dtype=torch.bool), torch.empty(B, H, nqb, nqb, dtype=torch.bool)
+        bufs = (torch.empty_like(q_keep), torch.empty_like(kv_keep), torch.empty(B, H, nqb, dtype=torch.int32),
+                torch.empty(B, H, nqb, nqb, dtype=torch.int32), torch.empty(B, H, nqb, dtype=torch.bool))
+        calls = {"kv_select": lambda: plan.kv_select_triton(scores, 0.1, (0, 1), (0, 1), True, 128, 128),
+                 "q_select": lambda: plan.q_select_triton(change, None, 10, None, 0.0, (0, 1), (0, 1), False, 0.2),
+                 "q_select_tg": lambda: plan.q_select_triton(change, scores, 10, 0.5, 1.0, (0, 1), (0, 1), True),
+                 "store_plan": lambda: plan.store_plan_triton(q_keep, kv_keep, *bufs, nqb * 128, nqb * 128, 128,
+                                                              128, True)}
+        for name, call in calls.items():
+            built = []
+            real = plan.launch
+            plan.launch = lambda kern, grid, *a, **kw: built.append(kern.warmup(*a, grid=grid, **kw))
+            try:
+                with sm90_target():
+                    call()
+            finally:
+                plan.launch = real
+            regs, spill = resource_usage(built[-1])
+            print(json.dumps(dict(variant=name, NB=nqb, regs=regs, spill=spill, shared=built[-1].metadata.shared)))
+    sys.stdout.flush()
+
+
 def probe_main() -> None:
     """The spill check's own check: a loop whose accumulator cannot fit in registers (``[128, 64]`` fp32
     on one warp: 256 values a thread) against the same loop on a ``[16, 64]`` one."""
@@ -156,4 +188,5 @@ def probe_main() -> None:
 
 if __name__ == "__main__":
     mode = sys.argv[1:]
-    {"gemm_o": gemm_o_main, "gemm_q": gemm_q_main, "refresh": refresh_main, "probe": probe_main}.get(mode[0] if mode else "", main)()
+    {"gemm_o": gemm_o_main, "gemm_q": gemm_q_main, "refresh": refresh_main, "plan": plan_main,
+     "probe": probe_main}.get(mode[0] if mode else "", main)()

@@ -348,14 +348,14 @@ def test_gemm_kv_equals_dense_kv_in_a_denoising_loop(name, monkeypatch):
             assert float((got[step] - plain).norm() / plain.norm()) > 1e-3, step
 
     from flashomni_compile.runtime import state
-    good = state.kv_need_of
+    good = state.store_plan
 
-    def drop_block_0(q_keep, kv_keep, kv_sparse=True, out=None):
-        need = good(q_keep, kv_keep, kv_sparse, out)
-        need[:, 0, 0] = False
-        return need
+    def drop_block_0(*args):          # kv_need (the 7th argument) without kv-block 0 of head 0
+        dens = good(*args)
+        args[6][:, 0, 0] = False
+        return dens
 
-    monkeypatch.setattr(state, "kv_need_of", drop_block_0)
+    monkeypatch.setattr(state, "store_plan", drop_block_0)
     _, bad, *_ = _denoise(model, kw, steps)
     for step in (2, 3):
         assert float((bad[step] - ref[step]).norm() / ref[step].norm()) > 1e-3, step

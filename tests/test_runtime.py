@@ -903,7 +903,7 @@ def test_density_history_stays_bounded_and_exact():
     qs, ks, ns = [], [], []
     for i in range(3 * _MAX_PERIODS + 5):
         q, kv, n = 0.1 + (i % 7) / 10, 0.05 + (i % 5) / 10, i % 4     # some updates serve no dispatch
-        st.record_update(_t.tensor(q), _t.tensor(kv))
+        st.record_update(_t.tensor([q, kv]))
         for _ in range(n):
             st.record_dispatch()
         qs.append(q), ks.append(kv), ns.append(n)

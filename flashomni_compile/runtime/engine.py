@@ -470,7 +470,7 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
             br.cache.reset()   # the refresh formed this step's D1/D2 but D0 stays old: drop the history
         raise
 
-    br.store_symbols(sym, kv_sparse=skips_kv)
+    densities = br.store_symbols(sym, kv_sparse=skips_kv)
     br.signature = signature
     br.q_sparse, br.kv_sparse = caches_q, skips_kv
     if br.cache is not None:
@@ -479,7 +479,7 @@ def _attention_update(st: LayerState, br: BranchState, step: int, total: Optiona
     br.last_update = step
 
     if br is st.branches[0]:
-        _stat(st, "record_update", br.symbols.q_density(), br.symbols.kv_density())
+        _stat(st, "record_update", densities)
         st.stats.cache_order = -1 if br.cache is None else br.cache.active_order
     st.stats.cache_bytes = _cache_bytes(st)
     return out, sparse

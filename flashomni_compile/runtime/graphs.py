@@ -374,7 +374,7 @@ class StepGraphs:
         for s, p in zip(entry.states, entry.post):
             _load(s, p)
         for stats, name, a in entry.stats_log:
-            if name == "record_update":        # device scalars of the graph's pool: keep copies
+            if name == "record_update":        # a device tensor of the graph's pool: keep a copy
                 stats.record_update(*(t.clone() for t in a))
             else:
                 getattr(stats, name)(*a, replayed=True)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._capture import device_cache
+from ..kernels.plan import kv_select, q_select, text_block_range
 from ..kernels.refresh import block_norm
 from ..symbols import SparseSymbols, num_blocks
 from .spec import SiteSpec
@@ -207,6 +208,18 @@ class PolicyContext:
         return num_blocks(hi, self.block_q) - lo // self.block_q
 
     @property
+    def text_q_range(self) -> tuple[int, int]:
+        """The q-blocks ``[lo, hi)`` holding text, as host ints (``text_q`` as a range)."""
+        t = self.spec.text_len if self.joint else 0
+        return text_block_range(self.seq_q, t, self.spec.text_first, self.block_q)
+
+    @property
+    def text_kv_range(self) -> tuple[int, int]:
+        """The kv-blocks ``[lo, hi)`` holding text, as host ints (``text_kv`` as a range)."""
+        t = self.spec.text_len if self.joint else 0
+        return text_block_range(self.seq_kv, t, self.spec.text_first, self.block_kv)
+
+    @property
     def text_kv(self) -> Tensor:
         """Bool ``[NKB]``: kv-blocks holding text tokens."""
         t = self.spec.text_len if self.joint else 0
@@ -312,18 +325,12 @@ class PooledQKPolicy:
         _check_fraction("pooled_qk", "tau_kv", self.tau_kv)
 
     def kv_keep(self, ctx: PolicyContext, tau: float) -> Tensor:
-        p = ctx.scores
-        if tau <= 0:
-            return torch.ones(p.shape, dtype=torch.bool, device=p.device)
-        sorted_p, order = p.sort(dim=-1)
-        drop_sorted = sorted_p.cumsum(-1) < tau
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        keep = ~drop
-        if self.keep_text:
-            keep = keep | ctx.text_kv[None, None, None, :] | ctx.text_q[None, None, :, None]
-        if self.keep_diagonal:
-            keep = keep | ctx.diagonal()
-        return keep
+        # one launch on CUDA (kernels/plan.py: a bisection instead of the sort; its torch twin is the
+        # sort + cumsum + scatter this method ran before)
+        none = (0, 0)
+        text_q, text_kv = (ctx.text_q_range, ctx.text_kv_range) if self.keep_text else (none, none)
+        return kv_select(ctx.scores, tau, text_q, text_kv, self.keep_diagonal and ctx.joint, ctx.block_q,
+                         ctx.block_kv)
 
     def __call__(self, ctx: PolicyContext) -> SparseSymbols:
         q_keep = torch.ones(ctx.scores.shape[:3], dtype=torch.bool, device=ctx.device)
@@ -361,42 +368,23 @@ class QCachePolicy:
         if isinstance(self.text_guidance, bool) or not isinstance(self.text_guidance, (int, float)) or self.text_guidance < 0:
             raise ValueError(f"qcache: text_guidance={self.text_guidance!r} is not valid; need a number >= 0")
 
-    def q_keep(self, ctx: PolicyContext, fraction: float) -> Tensor:
+    def q_keep(self, ctx: PolicyContext, fraction: float, layer_threshold: float = 0.0) -> Tensor:
+        """The decision for ``fraction``; with ``layer_threshold > 0`` also layer granularity (a batch
+        element whose kept fraction is under it is cached whole; only with a change measure). One launch
+        on CUDA (``kernels.plan.q_select``, a bisection for the k-th score instead of the argsort)."""
         B, H, nqb = ctx.scores.shape[:3]
-        keep_all = torch.ones(B, H, nqb, dtype=torch.bool, device=ctx.device)
         change = ctx.change()
-        text_q = ctx.text_q
         n_img = nqb - ctx.n_text_q
         k = int(math.floor(fraction * n_img * H))
         if change is None or k <= 0:
-            return keep_all
-        score = change / change.mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-        if self.text_guidance > 0 and bool(ctx.spec.text_len) and ctx.joint:
-            tg = text_guidance_score(ctx)
-            score = score + self.text_guidance * tg / tg.mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-        score = score.masked_fill(text_q[None, None, :], float("inf")).reshape(B, H * nqb)
-        rank = torch.empty_like(score, dtype=torch.long).scatter_(
-            -1, score.argsort(dim=-1, stable=True), torch.arange(H * nqb, device=ctx.device).expand(B, -1))
-        cache = (rank < k).reshape(B, H, nqb)
-        if self.threshold is not None:
-            cache &= change <= self.threshold
-        return ~cache
+            return torch.ones(B, H, nqb, dtype=torch.bool, device=ctx.device)
+        guided = self.text_guidance > 0 and bool(ctx.spec.text_len) and ctx.joint
+        return q_select(change, ctx.scores if guided else None, k, self.threshold, self.text_guidance,
+                        ctx.text_q_range, ctx.text_kv_range, ctx.block_q == ctx.block_kv, layer_threshold)
 
     def __call__(self, ctx: PolicyContext) -> SparseSymbols:
         kv_keep = torch.ones(ctx.scores.shape, dtype=torch.bool, device=ctx.device)
         return ctx.symbols(self.q_keep(ctx, self.fraction), kv_keep)
-
-
-def text_guidance_score(ctx: PolicyContext) -> Tensor:
-    """FlashOmni's text-guidance score per (b, h, q-block), ``[B,H,NQB]``: the pooled mass text q-blocks
-    put on the block (vision-to-text contribution) plus the block's pooled mass on text kv-blocks."""
-    p = ctx.scores
-    tq, tk = ctx.text_q, ctx.text_kv
-    guidance = (p * tk[None, None, None, :]).sum(dim=3)              # [B, H, NQB]: each row -> text columns
-    if ctx.block_q != ctx.block_kv:   # columns are not q-blocks: the contribution term needs equal blocks
-        return guidance
-    contribution = (p * tq[None, None, :, None]).sum(dim=2)          # [B, H, NKB]: text rows -> each column
-    return contribution + guidance
 
 
 def layer_granularity(q_keep: Tensor, threshold: float) -> Tensor:
@@ -482,9 +470,8 @@ class FlashOmniPolicy:
         prog = ctx.progress(self.ramp_steps)
         kv_keep = PooledQKPolicy(keep_diagonal=self.keep_diagonal).kv_keep(ctx, _ramp(self.tau_kv, prog))
         qc = QCachePolicy(0.0, self.cache_threshold, self.text_guidance)
-        q_keep = qc.q_keep(ctx, _ramp(self.cache_fraction, prog))
-        if ctx.prev_out is not None:   # layer granularity needs a change measure, like qcache
-            q_keep = layer_granularity(q_keep, self.layer_threshold)
+        # layer granularity needs a change measure, like qcache: q_keep applies it only with one
+        q_keep = qc.q_keep(ctx, _ramp(self.cache_fraction, prog), self.layer_threshold)
         return ctx.symbols(q_keep, kv_keep)
 
 

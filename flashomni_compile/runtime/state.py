@@ -20,8 +20,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..symbols import SparseSymbols, kv_block_lists
-from ..symbols import kv_need as kv_need_of
+from ..kernels.plan import store_plan
+from ..symbols import SparseSymbols
 from .cache import FeatureCache
 from .options import RuntimeOptions
 from .spec import SiteSpec, layer_site
@@ -47,34 +47,32 @@ class BranchState:
     q_sparse: bool = False                   # host flags fixed at the last update: which kernels to run
     kv_sparse: bool = False
 
-    def store_symbols(self, sym: SparseSymbols, kv_sparse: bool = True) -> None:
+    def store_symbols(self, sym: SparseSymbols, kv_sparse: bool = True) -> Tensor:
         """Copy ``sym`` into the persistent tensors (allocated the first time) and rebuild the lists and
-        ``kv_need``.
+        ``kv_need``; returns the update's density parts (float32 ``[B * H, 2]``, summing to
+        ``(sym.q_density(), sym.kv_density())``) for the statistics.
 
-        The lists are ``kv_block_lists(kv_keep)``, written straight into the persistent tensors: the count
-        by a reduction with ``out=``, the index by one stable sort of the negated mask viewed as uint8
-        (no conversion pass) and one cast-copy, instead of fresh tensors copied over. ``kv_need`` is
-        ``symbols.kv_need(q_keep, kv_keep, kv_sparse)``, written with ``out=``: ``kv_sparse`` says whether
-        dispatch steps run attention on the kv-block lists (else every computed q-block reads every
-        kv-block, and a head needs all its kv-blocks as soon as one of its q-blocks is computed)."""
+        One pass, ``kernels.plan.store_plan`` (one launch on CUDA): the lists are
+        ``kv_block_lists(kv_keep)`` and ``kv_need`` is ``symbols.kv_need(q_keep, kv_keep, kv_sparse)``,
+        written in place: ``kv_sparse`` says whether dispatch steps run attention on the kv-block lists
+        (else every computed q-block reads every kv-block, and a head needs all its kv-blocks as soon as
+        one of its q-blocks is computed)."""
         cur = self.symbols
         if cur is None or cur.q_keep.shape != sym.q_keep.shape or cur.kv_keep.shape != sym.kv_keep.shape \
                 or cur.q_keep.device != sym.q_keep.device:
-            count, index = kv_block_lists(sym.kv_keep)
-            self.symbols = SparseSymbols(sym.q_keep.clone(), sym.kv_keep.clone(), sym.seq_q, sym.seq_kv,
-                                         sym.block_q, sym.block_kv)
-            self.kv_count, self.kv_index = count, index          # fresh tensors of kv_block_lists: owned
-            self.kv_need = kv_need_of(self.symbols.q_keep, self.symbols.kv_keep, kv_sparse)
-        else:
-            if sym.q_keep is not cur.q_keep:
-                cur.q_keep.copy_(sym.q_keep)
-            if sym.kv_keep is not cur.kv_keep:
-                cur.kv_keep.copy_(sym.kv_keep)
-            kv = cur.kv_keep
-            torch.sum(kv, dim=-1, dtype=torch.int32, out=self.kv_count)
-            self.kv_index.copy_(torch.sort(torch.logical_not(kv).view(torch.uint8), dim=-1, stable=True).indices)
-            kv_need_of(cur.q_keep, kv, kv_sparse, out=self.kv_need)
-        self.symbols._lists = (self.kv_count, self.kv_index)
+            B, H, nqb, nkb = sym.kv_keep.shape
+            dev = sym.kv_keep.device
+            cur = SparseSymbols(torch.empty(B, H, nqb, dtype=torch.bool, device=dev),
+                                torch.empty(B, H, nqb, nkb, dtype=torch.bool, device=dev),
+                                sym.seq_q, sym.seq_kv, sym.block_q, sym.block_kv)
+            self.kv_count = torch.empty(B, H, nqb, dtype=torch.int32, device=dev)
+            self.kv_index = torch.empty(B, H, nqb, nkb, dtype=torch.int32, device=dev)
+            self.kv_need = torch.empty(B, H, nkb, dtype=torch.bool, device=dev)
+            self.symbols = cur
+        dens = store_plan(sym.q_keep, sym.kv_keep, cur.q_keep, cur.kv_keep, self.kv_count, self.kv_index,
+                          self.kv_need, sym.seq_q, sym.seq_kv, sym.block_q, sym.block_kv, kv_sparse)
+        cur._lists = (self.kv_count, self.kv_index)
+        return dens
 
     def tensors(self) -> list[Tensor]:
         """Every persistent device tensor (tests check that dispatch steps replace none)."""

@@ -24,6 +24,11 @@ __all__ = ["LayerStats", "SiteStats", "reset_stats", "site_stats", "stats_report
 _MAX_PERIODS = 32   # per layer: older update periods are merged into one (LayerStats._fold)
 
 
+def _pair(densities: Tensor) -> Tensor:
+    """``(q, kv)`` density of one update: the sum of its parts, float32 ``[2]``."""
+    return densities.reshape(-1, 2).sum(0, dtype=densities.dtype)
+
+
 @dataclass
 class LayerStats:
     """Statistics of one layer of one site (kept in its ``LayerState``)."""
@@ -36,8 +41,8 @@ class LayerStats:
     sparse_updates: int = 0                  # updates whose attention skipped kv-blocks (sparse_updates)
     update_s: float = 0.0
     dispatch_s: float = 0.0
-    # one [q_density, kv_density, dispatches served] entry per update of branch 0, the last update's last
-    # (densities: device scalars, read only by ``site_stats``)
+    # one [densities, dispatches served] entry per update of branch 0, the last update's last (densities:
+    # a device tensor [..., 2] summing to (q density, kv density), read only by ``site_stats``)
     periods: list = field(default_factory=list)
     cache_bytes: int = 0
     cache_order: int = -1                    # Taylor order in use after the last update; -1: no cache
@@ -66,35 +71,38 @@ class LayerStats:
             self.dispatches += 1
         self.replayed_dispatches += replayed
 
-    def record_update(self, q_density: Tensor, kv_density: Tensor) -> None:
+    def record_update(self, densities: Tensor) -> None:
+        """One update's densities: a float32 device tensor ``[..., 2]`` whose entries sum to ``(q density,
+        kv density)`` (the per-head parts ``kernels.plan.store_plan`` returns, or one ``[2]`` pair)."""
         if len(self.periods) >= _MAX_PERIODS:
             self._fold()
-        self.periods.append([q_density, kv_density, 0])
+        self.periods.append([densities, 0])
 
     def _fold(self) -> None:
         """Merge every finished period into one (its dispatch-weighted means), on the device and without a
-        sync, so that a long-running process keeps a bounded number of scalars per layer."""
-        served = [(q, kv, n) for q, kv, n in self.periods if n > 0]
+        sync, so that a long-running process keeps a bounded number of tensors per layer."""
+        served = [(d, n) for d, n in self.periods if n > 0]
         self.periods = []
         if served:
-            total = sum(n for _, _, n in served)
-            q = sum(q * (n / total) for q, _, n in served)
-            kv = sum(kv * (n / total) for _, kv, n in served)
-            self.periods.append([q, kv, total])
+            total = sum(n for _, n in served)
+            merged = sum(_pair(d) * (n / total) for d, n in served)
+            self.periods.append([merged, total])
 
     def record_dispatch(self) -> None:
         self.dispatches += 1
         if self.periods:
-            self.periods[-1][2] += 1
+            self.periods[-1][1] += 1
 
     def dispatch_densities(self) -> Optional[tuple[float, float]]:
         """``(q, kv)`` densities averaged over the dispatch steps (each update's symbols weighted by the
-        dispatch steps they served); the last update's when no dispatch ran; None before any update."""
-        served = [(q, kv, n) for q, kv, n in self.periods if n > 0]
+        dispatch steps they served); the last update's when no dispatch ran; None before any update.
+        Reads the device (one sync a period)."""
+        served = [(d, n) for d, n in self.periods if n > 0]
         if not served:
-            return None if not self.periods else (float(self.periods[-1][0]), float(self.periods[-1][1]))
-        n = sum(p[2] for p in served)
-        return (sum(float(q) * k for q, _, k in served) / n, sum(float(kv) * k for _, kv, k in served) / n)
+            return None if not self.periods else tuple(_pair(self.periods[-1][0]).tolist())
+        n = sum(k for _, k in served)
+        q, kv = sum(_pair(d) * (k / n) for d, k in served).tolist()
+        return q, kv
 
     def add_time(self, kind: str, seconds: float) -> None:
         if kind == "update":
