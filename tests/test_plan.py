@@ -198,6 +198,10 @@ def test_runtime_plans_the_same_symbols_on_the_kernels(monkeypatch):
     """The default policy driven through the engine (a joint text+image layer, several updates with
     sparse updates and Taylor caching): the planning kernels give the same symbols, kv-block lists,
     ``kv_need`` and statistics as their twins, step by step."""
+    if __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        # the runtime helpers' layer lives on the CPU: the kernels run its tensors only in the interpreter
+        # (on a GPU machine the kernel tests above and bench_e2e's rel_l2 cover the compiled path)
+        pytest.skip("needs the Triton interpreter (CPU tensors)")
     import flashomni_compile.kernels.plan as plan
     from _runtime_util import Layer, forward, inputs, make_site
     from flashomni_compile.runtime import engine
