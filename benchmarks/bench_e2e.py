@@ -178,11 +178,12 @@ def run_model(name: str, args, device, dtype) -> list[dict]:
             if impl == "flashomni":   # Taylor order per layer after the loop (-1: the layer does not cache)
                 orders = Counter(st.stats.cache_order for st in all_layer_states())
                 density = {**(density or {}), "cache_orders": {str(k): v for k, v in sorted(orders.items())}}
-            if args.profile and impl == "flashomni":   # after the timed loop: one update and one dispatch step
-                steps = {k: None for k in (opts.warmup, opts.warmup + 1)}
-                denoise(model, kw, name, args.steps, x0, run_steps=opts.warmup + 2, profile=steps)
+            if args.profile:   # after the timed loop: flashomni's first update and dispatch steps, one Inductor step
+                steps = {k: None for k in ((opts.warmup, opts.warmup + 1) if impl == "flashomni" else (opts.warmup,))}
+                denoise(model, kw, name, args.steps, x0, run_steps=max(steps) + 1, profile=steps)
                 for i, table in steps.items():
-                    print(f"--- {name} flashomni [{cname}] step {i} ({step_kind(i, args.steps, opts)}) ---\n{table}")
+                    kind = step_kind(i, args.steps, opts) if impl == "flashomni" else "dense"
+                    print(f"--- {name} {impl} [{cname}] step {i} ({kind}) ---\n{table}")
         kinds = ["update"] * args.steps if impl == "inductor" else \
             [step_kind(i, args.steps, opts) for i in range(args.steps)]
         upd = [t for t, k in zip(times, kinds) if k == "update"]
@@ -265,8 +266,8 @@ def main():
                         "share one compile (set_runtime_options). Default: default={}")
     p.add_argument("--cuda-graphs", action="store_true", help="flashomni with cuda_graphs=True (step graphs); "
                    "three warm-up generations")
-    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one update and "
-                   "one dispatch step of flashomni (not timed)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table (and the kernels "
+                   "counted) of one update and one dispatch step of flashomni and one Inductor step (not timed)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device, dtype = device_and_dtype(p, args.tiny)
