@@ -7,12 +7,12 @@ times from CUDA-graph replays (L2 flushed; ``_common.graph_ms``) each piece the 
 update's attention and its cache refresh, once through the torch twin (what the runtime ran before) and
 once through the kernel:
 
-    pooled_scores   block means of q and k, the row softmax of their scaled products
     kv_select       the pooled-QK kv-block selection (tau 0.05, text and diagonal kept)
     q_select        the q-block caching decision (fraction 0.9 of the image pairs, text guidance,
                     layer granularity 0.2)
     store_plan      the symbols into the persistent tensors, the kv-block lists, kv_need, densities
-    all             the four in sequence
+    all             the three in sequence after ``policies.pooled_scores`` (torch in both: the
+                    runtime's pooling; a Triton version of it lost to torch, benchmarks/NOTES.md)
 
 Graph replays leave out the host, so the ratios are the device's; in an eager step each twin launch also
 costs its host launch (the ~45 launches a layer the kernels remove). Prints a table; writes JSON.
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import format_table, graph_ms, header, write_results  # noqa: E402
 
 from flashomni_compile.kernels import plan  # noqa: E402
+from flashomni_compile.runtime.policies import pooled_scores  # noqa: E402
 from flashomni_compile.symbols import num_blocks  # noqa: E402
 
 # name -> (heads, tokens, head dim, text tokens)
@@ -54,7 +55,7 @@ def pieces(impl: str, B: int, H: int, N: int, D: int, text: int):
             torch.empty(B, H, nb, nb, dtype=torch.int32, device="cuda"),
             torch.empty(B, H, nb, dtype=torch.bool, device="cuda"))
     twin = impl == "twin"
-    pool = plan.pooled_scores_ref if twin else plan.pooled_scores_triton
+    pool = pooled_scores                     # torch in both (the runtime's; a Triton version lost, NOTES)
     kv_sel = plan.kv_select_ref if twin else plan.kv_select_triton
     q_sel = plan.q_select_ref if twin else plan.q_select_triton
     store = plan.store_plan_ref if twin else plan.store_plan_triton
@@ -68,8 +69,7 @@ def pieces(impl: str, B: int, H: int, N: int, D: int, text: int):
         qk = q_sel(change, s, k_cache, None, 1.0, tq, tk, True, 0.2)
         store(qk, kv, *bufs, N, N, BLOCK, BLOCK, True)
 
-    return {"pooled_scores": lambda: pool(q, k, None, D ** -0.5, BLOCK, BLOCK),
-            "kv_select": lambda: kv_sel(scores, 0.05, tq, tk, True, BLOCK, BLOCK),
+    return {"kv_select": lambda: kv_sel(scores, 0.05, tq, tk, True, BLOCK, BLOCK),
             "q_select": lambda: q_sel(change, scores, k_cache, None, 1.0, tq, tk, True, 0.2),
             "store_plan": lambda: store(q_keep, kv_keep, *bufs, N, N, BLOCK, BLOCK, True),
             "all": whole}

@@ -133,9 +133,8 @@ def refresh_main() -> None:
 
 
 def plan_main() -> None:
-    """The planning kernels (plan.py, Triton) at the runtime's shapes: pooled_scores (with and without a
-    key padding mask: the pooling and scores kernels), kv_select, q_select (with and without text
-    guidance) and store_plan, for a short (Flux 4608 / 128) and a long (33792 / 128) site, D = 128."""
+    """The planning kernels (plan.py, Triton) at the runtime's shapes: kv_select, q_select (with and
+    without text guidance) and store_plan, for a short (Flux 4608 / 128) and a long (33792 / 128) site."""
     from flashomni_compile.kernels import plan
 
     for nqb in (36, 264):
@@ -145,11 +144,7 @@ def plan_main() -> None:
         q_keep, kv_keep = torch.empty(B, H, nqb, dtype=torch.bool), torch.empty(B, H, nqb, nqb, dtype=torch.bool)
         bufs = (torch.empty_like(q_keep), torch.empty_like(kv_keep), torch.empty(B, H, nqb, dtype=torch.int32),
                 torch.empty(B, H, nqb, nqb, dtype=torch.int32), torch.empty(B, H, nqb, dtype=torch.bool))
-        qk = torch.empty(B, nqb * 128, H, 128, dtype=torch.bfloat16).transpose(1, 2)
-        kpm = torch.empty(B, nqb * 128, dtype=torch.bool)
-        calls = {"pooled_scores": lambda: plan.pooled_scores_triton(qk, qk, None, 0.088, 128, 128),
-                 "pooled_scores_kpm": lambda: plan.pooled_scores_triton(qk, qk, kpm, 0.088, 128, 128),
-                 "kv_select": lambda: plan.kv_select_triton(scores, 0.1, (0, 1), (0, 1), True, 128, 128),
+        calls = {"kv_select": lambda: plan.kv_select_triton(scores, 0.1, (0, 1), (0, 1), True, 128, 128),
                  "q_select": lambda: plan.q_select_triton(change, None, 10, None, 0.0, (0, 1), (0, 1), False, 0.2),
                  "q_select_tg": lambda: plan.q_select_triton(change, scores, 10, 0.5, 1.0, (0, 1), (0, 1), True),
                  "store_plan": lambda: plan.store_plan_triton(q_keep, kv_keep, *bufs, nqb * 128, nqb * 128, 128,

@@ -330,53 +330,8 @@ def test_compiles_for_sm90():
     from conftest import SM90_SMEM_LIMIT, sm90_compile_rows
 
     rows = sm90_compile_rows("plan")
-    variants = ("pooled_scores", "pooled_scores_kpm", "kv_select", "q_select", "q_select_tg", "store_plan")
+    variants = ("kv_select", "q_select", "q_select_tg", "store_plan")
     assert {(r["variant"], r["NB"]) for r in rows} == {(v, nb) for v in variants for nb in (36, 264)}
-    assert {r["kernel"] for r in rows if r["variant"] == "pooled_scores"} == {"_pool_kernel", "_scores_kernel"}
     for r in rows:
         assert r["shared"] <= SM90_SMEM_LIMIT, r
         assert r["spill"] == 0 or (r["variant"], r["NB"]) == ("q_select_tg", 264) and r["spill"] <= 160, r
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D, Nq, Nkv, bq, bkv", [(64, 200, 200, 32, 32), (72, 130, 1100, 64, 32), (128, 96, 96, 128, 16)])
-@pytest.mark.parametrize("masked", [False, True])
-def test_pooled_scores_kernel_matches_twin(dtype, D, Nq, Nkv, bq, bkv, masked):
-    """Means are float32 sums of the same values in another order (1e-5 relative); the scores a softmax of
-    float32 dot products (1e-5 relative, 1e-7 absolute for the tiny masses). q and k in the runtime's
-    [B, N, H, D] memory; with a mask, a kv-block with no visible key (score 0) and a batch element with
-    no visible key at all (a row of zeros)."""
-    from flashomni_compile.kernels.plan import pooled_scores_ref, pooled_scores_triton
-
-    g = torch.Generator().manual_seed(D + Nq + Nkv + masked)
-    B, H = 2, 3
-    q = torch.randn(B, Nq, H, D, generator=g).to(dtype).transpose(1, 2).to(DEV)
-    k = torch.randn(B, Nkv, H, D, generator=g).to(dtype).transpose(1, 2).to(DEV)
-    kpm = None
-    if masked:
-        kpm = torch.rand(B, Nkv, generator=g) < 0.7
-        kpm[0, bkv:2 * bkv] = False                      # kv-block 1 of element 0: nothing visible
-        kpm[1] = False                                   # element 1: no visible key
-        kpm = kpm.to(DEV)
-    got = pooled_scores_triton(q, k, kpm, D ** -0.5, bq, bkv)
-    want = pooled_scores_ref(q, k, kpm, D ** -0.5, bq, bkv)
-    for a, b in zip(got, want):
-        assert a.dtype == torch.float32 and a.shape == b.shape and a.is_contiguous()
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    if masked:
-        assert not got[2][0, :, :, 1].any() and not got[2][1].any()
-        torch.testing.assert_close(got[2][0].sum(-1), torch.ones_like(got[2][0, ..., 0]), rtol=1e-5, atol=0)
-
-
-def test_pooled_scores_keeps_nan():
-    """A NaN in a key block poisons its mean (returned as is) and every score row that sees it, which
-    both turn into a row of zeros (the twin's ``nan_to_num``): the same scores, exactly."""
-    from flashomni_compile.kernels.plan import pooled_scores_ref, pooled_scores_triton
-
-    q = torch.randn(1, 1, 64, 16).to(DEV)
-    k = torch.randn(1, 1, 64, 16).to(DEV)
-    k[0, 0, 40, 3] = float("nan")
-    got, want = pooled_scores_triton(q, k, None, 0.25, 32, 32), pooled_scores_ref(q, k, None, 0.25, 32, 32)
-    assert torch.isnan(got[1][0, 0, 1]).any() and torch.isnan(want[1][0, 0, 1]).any()
-    assert torch.equal(torch.isnan(got[1]), torch.isnan(want[1]))
-    assert not want[2].any() and torch.equal(got[2], want[2])

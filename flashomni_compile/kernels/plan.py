@@ -1,15 +1,15 @@
 """The update step's planning kernels: the built-in policies' selections and the symbols' kernel forms.
 
 Between its attention kernel and its cache refresh, an update step turns pooled scores into symbols and
-the symbols into what the dispatch steps read. In torch that is ~45 small ops a layer (a sort, a cumsum,
-a scatter, masks, the list sort, ``kv_need``, the density statistics), each a separate launch of a tiny
-kernel: ~70 launches a layer and ~5 ms of an update step of SD3.5 Large on an H200, most of the update
-step's cost over a dense step (benchmarks/NOTES.md, session 13). Each kernel here replaces one group of
-them with one launch and has its torch twin beside it (the code the runtime ran before, kept as the
-reference and as the path off CUDA):
+the symbols into what the dispatch steps read. In torch that was ~35 small ops a layer (a sort, a
+cumsum, a scatter, masks, an argsort, the list sort, ``kv_need``, the density statistics), each a
+separate launch of a tiny kernel: with the pooling, 4777 kernels in an update step of SD3.5 Large against
+Inductor's 1435 for a dense one, and 9 ms over its time on an H200 (benchmarks/NOTES.md, session 13).
+Each kernel here replaces one group of them with one launch and has its torch twin beside it (the code
+the runtime ran before, kept as the reference and as the path off CUDA). The pooling itself
+(``policies.pooled_scores``) stays torch: block-view means and a cuBLAS product were faster than a
+Triton version at D = 128 (NOTES).
 
-``pooled_scores`` the block means of Q and K and the row softmax of their scaled products (what
-                every built-in policy reads): two pooling launches and one scores launch.
 ``kv_select``   the pooled-QK kv-block selection (``PooledQKPolicy.kv_keep``): per score row, drop the
                 kv-blocks of least pooled mass while their cumulative mass stays under ``tau``; keep the
                 text rows and columns and the diagonal.
@@ -25,9 +25,11 @@ Selections without a sort. A row's dropped set is a prefix of its entries in asc
 (``p >= 0``, so the float's bits order like the float; the index breaks ties as a stable sort does) and
 ``S(T)`` is the mass of the entries with key ``<= T``. ``S`` does not decrease with ``T``, so the dropped
 set is ``key < T*`` with ``T*`` the smallest key where ``S`` reaches ``tau``: a bisection over the key
-range (``b = log2`` of the row length rounded up: 31 + b masked row sums), all in registers. The twin sorts (``torch.sort`` + ``cumsum``). The two sum
-the same numbers in a different order, so an entry whose cumulative mass is within float32 rounding of
-``tau`` may go either way (the tests allow exactly that).
+range (``b = log2`` of the row length rounded up: 31 + b masked row sums), all in registers. The twin
+sorts (``torch.sort`` + ``cumsum``). The two sum the same numbers in a different order, so an entry whose
+cumulative mass is within float32 rounding of ``tau`` may go either way (the tests allow exactly that).
+``q_select`` finds its k-th smallest score the same way over the score's 31 bits, then takes the ties
+at that value in index order (a prefix count), as the twin's stable argsort does.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from torch import Tensor
 
 from .launch import launch, next_power_of_2, num_sms
 
-__all__ = ["pooled_scores", "pooled_scores_ref", "pooled_scores_triton", "kv_select", "kv_select_ref", "kv_select_triton", "q_select", "q_select_ref", "q_select_triton", "store_plan", "store_plan_ref",
+__all__ = ["kv_select", "kv_select_ref", "kv_select_triton", "q_select", "q_select_ref", "q_select_triton", "store_plan", "store_plan_ref",
            "store_plan_triton", "text_block_range"]
 
 # elements of the [rows, NKB] tile a program holds in registers: 16 a thread (more spills on sm_90:
@@ -65,163 +67,6 @@ def text_block_range(n: int, text_len: int, text_first: bool, block: int) -> tup
         return 0, 0
     t0, t1 = (0, text_len) if text_first else (n - text_len, n)
     return t0 // block, -(-t1 // block)
-
-
-# ---------------------------------------------------------------------------------------------------
-# pooled_scores: block means of Q and K and the row softmax of their scaled products
-# ---------------------------------------------------------------------------------------------------
-@triton.jit
-def _pool_kernel(X, M, OUT, CNT, N, H, NB, s_xb, s_xh, s_xn, s_xd, s_mb, s_mn,
-                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                 MASKED: tl.constexpr):
-    # program (j, b*H + h): the mean of the rows of block j (masked rows weigh 0), float32 [D]
-    j = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    cnt = tl.zeros([ROWS], dtype=tl.float32)
-    for r0 in tl.static_range(0, BLOCK, ROWS):
-        rows = (j * BLOCK + r0 + tl.arange(0, ROWS)).to(tl.int64)
-        r_ok = rows < N
-        x = tl.load(X + b * s_xb + h * s_xh + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
-                    mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        if MASKED:
-            w = tl.load(M + b * s_mb + rows * s_mn, mask=r_ok, other=0).to(tl.float32)
-            x = x * w[:, None]                   # x * 0 keeps a NaN, as the twin's k * mask does
-        else:
-            w = r_ok.to(tl.float32)
-        acc += tl.sum(x, 0)
-        cnt += w
-    n = tl.sum(cnt, 0)
-    tl.store(OUT + (bh.to(tl.int64) * NB + j) * HEAD_DIM + offs_d, acc / tl.maximum(n, 1.0), mask=d_ok)
-    tl.store(CNT + bh.to(tl.int64) * NB + j, n)
-
-
-@triton.jit
-def _scores_kernel(PQ, PK, CNT, S, NQB, NKB, scale, HEAD_DIM: tl.constexpr, RQ: tl.constexpr, CH: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    # program (row tile, b*H + h): RQ rows of softmax(scale * pq pk^T) over all NKB columns, two passes
-    # over the columns (running max and sum, then the normalised values); kv-blocks without a visible key
-    # (CNT == 0) get -inf, a row with none visible is all 0 (the twin's nan_to_num)
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * RQ + tl.arange(0, RQ)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    pq = tl.load(PQ + (bh * NQB + rows[:, None]) * HEAD_DIM + offs_d[None, :],
-                 mask=(rows < NQB)[:, None] & d_ok[None, :], other=0.0)
-    m = tl.full([RQ], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([RQ], dtype=tl.float32)
-    for c0 in range(0, NKB, CH):
-        cols = c0 + tl.arange(0, CH)
-        c_ok = cols < NKB
-        pk = tl.load(PK + (bh * NKB + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                     other=0.0)
-        seen = tl.load(CNT + bh * NKB + cols, mask=c_ok, other=0.0) > 0
-        x = tl.dot(pq, tl.trans(pk), input_precision="ieee") * scale
-        x = tl.where(seen[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_use) + tl.sum(tl.exp(x - m_use[:, None]), 1)
-        m = m_new
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    inv = tl.where(l > 0, 1.0 / tl.where(l > 0, l, 1.0), 0.0)    # l is NaN when the row saw a NaN: inv 0
-    for c0 in range(0, NKB, CH):
-        cols = c0 + tl.arange(0, CH)
-        c_ok = cols < NKB
-        pk = tl.load(PK + (bh * NKB + cols[:, None]) * HEAD_DIM + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                     other=0.0)
-        seen = tl.load(CNT + bh * NKB + cols, mask=c_ok, other=0.0) > 0
-        x = tl.dot(pq, tl.trans(pk), input_precision="ieee") * scale
-        x = tl.where(seen[None, :], x, float("-inf"))
-        p = tl.exp(x - m_use[:, None]) * inv[:, None]
-        p = tl.where(p == p, p, 0.0)             # the twin's nan_to_num: a row that saw a NaN is all 0
-        tl.store(S + (bh * NQB + rows[:, None]) * NKB + cols[None, :], p, mask=(rows < NQB)[:, None] & c_ok[None, :])
-
-
-def _block_reduce_to(x: Tensor, block: int, dim: int, op, dtype: torch.dtype) -> Tensor:
-    """``op`` (``torch.sum`` or ``torch.mean``) over consecutive blocks of ``block`` entries along ``dim``,
-    accumulated in ``dtype``. The full blocks are a view of ``x`` and the partial last block a slice, so
-    no converted or padded copy of ``x`` is made."""
-    dim = dim % x.dim()
-    n = x.shape[dim]
-    nfull, rem = divmod(n, block)
-    parts = []
-    if nfull:
-        parts.append(op(x.narrow(dim, 0, nfull * block).unflatten(dim, (nfull, block)), dim + 1, dtype=dtype))
-    if rem:
-        parts.append(op(x.narrow(dim, nfull * block, rem), dim, keepdim=True, dtype=dtype))
-    if not parts:
-        return x.new_zeros(*x.shape[:dim], 0, *x.shape[dim + 1:], dtype=dtype)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-
-
-def pooled_scores_ref(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], scale: float, block_q: int,
-                      block_kv: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Torch twin: ``(pooled_q [B,H,NQB,D], pooled_k [B,H,NKB,D], scores [B,H,NQB,NKB])``, all float32.
-    Block means of q and k accumulated in float32 (padded keys left out of the K means); ``scores`` is
-    the row softmax of ``scale * pooled_q . pooled_k``, kv-blocks with no visible key get 0."""
-    f32 = torch.float32
-    pq = _block_reduce_to(q, block_q, 2, torch.mean, f32)
-    if key_padding_mask is None:
-        pk = _block_reduce_to(k, block_kv, 2, torch.mean, f32)
-        empty = None
-    else:
-        # k * mask is exact (x * 1, x * 0) in any dtype, and propagates NaN like the float32 product did
-        km = k * key_padding_mask[:, None, :, None].to(k.dtype)
-        cnt_k = _block_reduce_to(key_padding_mask, block_kv, 1, torch.sum, f32)                 # [B, NKB]
-        pk = _block_reduce_to(km, block_kv, 2, torch.sum, f32) / cnt_k.clamp_min(1.0)[:, None, :, None]
-        empty = (cnt_k == 0)[:, None, None, :]
-    logits = torch.matmul(pq, pk.transpose(-1, -2)).mul_(scale)
-    if empty is not None:
-        logits = logits.masked_fill_(empty, float("-inf"))
-    return pq, pk, torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-
-
-def _pool(x: Tensor, mask: Optional[Tensor], block: int) -> tuple[Tensor, Tensor]:
-    B, H, N, D = x.shape
-    nb = -(-N // block)
-    out = torch.empty(B, H, nb, D, dtype=torch.float32, device=x.device)
-    cnt = torch.empty(B, H, nb, dtype=torch.float32, device=x.device)
-    m = x if mask is None else mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    sm = (0, 0) if mask is None else m.stride()
-    block_d = max(16, next_power_of_2(D))
-    # 8192 elements a step (the whole block at D <= 64): the SD3 site's means took 17.7 us a call with 32-row
-    # steps and 4 warps on the H200, where torch's block-view mean took ~8
-    launch(_pool_kernel, (nb, B * H), x, m, out, cnt, N, H, nb, *x.stride(), *sm, HEAD_DIM=D, BLOCK=block,
-           ROWS=max(1, min(block, 8192 // block_d)), BLOCK_D=block_d, MASKED=mask is not None, num_warps=8)
-    return out, cnt
-
-
-def pooled_scores_triton(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], scale: float, block_q: int,
-                         block_kv: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernels (same contract as ``pooled_scores_ref``): three launches (Q means, K means, scores), no
-    host synchronisation; ``q``/``k`` with any strides, blocks powers of two."""
-    B, H, Nq, D = q.shape
-    for name, blk in (("block_q", block_q), ("block_kv", block_kv)):
-        if blk < 1 or blk & (blk - 1):
-            raise ValueError(f"pooled_scores: {name}={blk} must be a power of two on the kernel path")
-    if q.numel() == 0 or k.numel() == 0:
-        return pooled_scores_ref(q, k, key_padding_mask, scale, block_q, block_kv)
-    pq, _ = _pool(q, None, block_q)
-    pk, cnt = _pool(k, key_padding_mask, block_kv)
-    nqb, nkb = pq.shape[2], pk.shape[2]
-    scores = torch.empty(B, H, nqb, nkb, dtype=torch.float32, device=q.device)
-    # 16 x 32 logits a step: larger tiles spill on triton 3.9 (its float32 "ieee" dot), for no gain
-    launch(_scores_kernel, (triton.cdiv(nqb, 16), B * H), pq, pk, cnt, scores, nqb, nkb, float(scale), HEAD_DIM=D,
-           RQ=16, CH=32, BLOCK_D=max(16, next_power_of_2(D)), num_warps=4)
-    return pq, pk, scores
-
-
-def pooled_scores(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], scale: float, block_q: int,
-                  block_kv: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernels on CUDA (and on CPU under ``FLASHOMNI_FORCE_TRITON=1``) for float16/bfloat16/float32,
-    else the torch twin."""
-    kernel = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and _use_kernel(q)
-    impl = pooled_scores_triton if kernel else pooled_scores_ref
-    return impl(q, k, key_padding_mask, scale, block_q, block_kv)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ from torch import Tensor
 
 from .._capture import device_cache
 from ..kernels.plan import kv_select, q_select, text_block_range
-from ..kernels.plan import pooled_scores as _plan_pooled_scores
 from ..kernels.refresh import block_norm
 from ..symbols import SparseSymbols, num_blocks
 from .spec import SiteSpec
@@ -62,15 +61,48 @@ def block_reduce(x: Tensor, block: int, dim: int = 2) -> Tensor:
     return x.reshape(*x.shape[:-1], nb, block).sum(-1).movedim(-1, dim)
 
 
+def _block_reduce_to(x: Tensor, block: int, dim: int, op: Callable[..., Tensor], dtype: torch.dtype) -> Tensor:
+    """``op`` (``torch.sum`` or ``torch.mean``) over consecutive blocks of ``block`` entries along ``dim``,
+    accumulated in ``dtype``. The full blocks are a view of ``x`` and the partial last block a slice, so
+    no converted or padded copy of ``x`` is made: a bf16 ``x`` on CUDA is read once, reduced in float32."""
+    dim = dim % x.dim()
+    n = x.shape[dim]
+    nfull, rem = divmod(n, block)
+    parts = []
+    if nfull:
+        parts.append(op(x.narrow(dim, 0, nfull * block).unflatten(dim, (nfull, block)), dim + 1, dtype=dtype))
+    if rem:
+        parts.append(op(x.narrow(dim, nfull * block, rem), dim, keepdim=True, dtype=dtype))
+    if not parts:
+        return x.new_zeros(*x.shape[:dim], 0, *x.shape[dim + 1:], dtype=dtype)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def pooled_scores(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], scale: float, block_q: int,
                   block_kv: int) -> tuple[Tensor, Tensor, Tensor]:
     """Mean-pool Q and K per block and return ``(pooled_q [B,H,NQB,D], pooled_k [B,H,NKB,D], scores)``.
 
     ``scores [B, H, NQB, NKB]`` is the row softmax of ``scale * pooled_q . pooled_k`` (float32); kv-blocks
-    with no visible key get 0. Padded keys are left out of the K means. Three launches on CUDA
-    (``kernels.plan.pooled_scores``); the torch twin reads q and k once each, in float32.
+    with no visible key get 0. Padded keys are left out of the K means.
     """
-    return _plan_pooled_scores(q, k, key_padding_mask, scale, block_q, block_kv)
+    # Block means accumulated in float32 straight from q and k: the former ``q.float()`` copies and
+    # padded reshapes cost ~22 bytes of traffic per element of q and k on every update step; this reads
+    # each element once (2 bytes in bf16).
+    f32 = torch.float32
+    pq = _block_reduce_to(q, block_q, 2, torch.mean, f32)
+    if key_padding_mask is None:
+        pk = _block_reduce_to(k, block_kv, 2, torch.mean, f32)
+        empty = None
+    else:
+        # k * mask is exact (x * 1, x * 0) in any dtype, and propagates NaN like the float32 product did
+        km = k * key_padding_mask[:, None, :, None].to(k.dtype)
+        cnt_k = _block_reduce_to(key_padding_mask, block_kv, 1, torch.sum, f32)                 # [B, NKB]
+        pk = _block_reduce_to(km, block_kv, 2, torch.sum, f32) / cnt_k.clamp_min(1.0)[:, None, :, None]
+        empty = (cnt_k == 0)[:, None, None, :]
+    logits = torch.matmul(pq, pk.transpose(-1, -2)).mul_(scale)
+    if empty is not None:
+        logits = logits.masked_fill_(empty, float("-inf"))
+    return pq, pk, torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
 
 def text_blocks(n: int, text_len: int, text_first: bool, block: int, device=None) -> Tensor:
