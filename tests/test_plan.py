@@ -335,3 +335,19 @@ def test_compiles_for_sm90():
     for r in rows:
         assert r["shared"] <= SM90_SMEM_LIMIT, r
         assert r["spill"] == 0 or (r["variant"], r["NB"]) == ("q_select_tg", 264) and r["spill"] <= 160, r
+
+
+def test_plan_kernels_switch_sends_calls_to_the_twins(monkeypatch):
+    """``FLASHOMNI_PLAN_KERNELS=0`` takes the twins even where the kernels would run (here: forced on the
+    CPU under the interpreter), so a suspect run can be repeated without them."""
+    import flashomni_compile.kernels.plan as plan
+
+    monkeypatch.setenv("FLASHOMNI_FORCE_TRITON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    t = torch.zeros(1)
+    assert plan._use_kernel(t)
+    monkeypatch.setenv("FLASHOMNI_PLAN_KERNELS", "0")
+    assert not plan._use_kernel(t)
+    took = []
+    monkeypatch.setattr(plan, "kv_select_ref", lambda *a: took.append("twin") or "twin")
+    assert plan.kv_select(torch.zeros(1, 1, 2, 2), 0.1, (0, 0), (0, 0), False, 32, 32) == "twin" and took

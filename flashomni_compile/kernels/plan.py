@@ -34,6 +34,7 @@ at that value in index order (a prefix count), as the twin's stable argsort does
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -54,10 +55,12 @@ _MAX_NKB = 1 << 16    # kv-blocks a row may have (the key: 31 bits of a non-nega
 
 
 def _use_kernel(t: Tensor) -> bool:
-    """``ops.use_triton``: the kernels on CUDA tensors (and on CPU under ``FLASHOMNI_FORCE_TRITON=1``)."""
+    """``ops.use_triton``: the kernels on CUDA tensors (and on CPU under ``FLASHOMNI_FORCE_TRITON=1``),
+    unless ``FLASHOMNI_PLAN_KERNELS=0`` sends every call to the torch twins (to rule these kernels in or
+    out when a run looks wrong; docs/debugging.md)."""
     from .ops import use_triton
 
-    return use_triton(t)
+    return os.environ.get("FLASHOMNI_PLAN_KERNELS", "1") != "0" and use_triton(t)
 
 
 def text_block_range(n: int, text_len: int, text_first: bool, block: int) -> tuple[int, int]:
