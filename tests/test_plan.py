@@ -351,3 +351,45 @@ def test_plan_kernels_switch_sends_calls_to_the_twins(monkeypatch):
     took = []
     monkeypatch.setattr(plan, "kv_select_ref", lambda *a: took.append("twin") or "twin")
     assert plan.kv_select(torch.zeros(1, 1, 2, 2), 0.1, (0, 0), (0, 0), False, 32, 32) == "twin" and took
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (real CUDA graphs)")
+def test_kernels_replayed_from_a_cuda_graph_equal_eager():
+    """The three kernels captured once in a CUDA graph (as the step graphs capture them), then replayed on
+    new inputs copied into the captured ones: every output equals an eager call on those inputs. Shapes
+    of the tiny Flux of test_graphs (5 q-blocks, 2 heads), where the step-graph test failed (NOTES,
+    session 13)."""
+    g = torch.Generator().manual_seed(21)
+    B, H, nqb = 1, 2, 5
+    tq = tk = (0, 1)
+
+    def make():
+        return _scores(B, H, nqb, nqb, g).cuda(), (torch.rand(B, H, nqb, generator=g) * 0.3).cuda()
+
+    def plan_once(scores, change, bufs):
+        kv = kv_select_triton(scores, 0.5, tq, tk, True, 16, 16)
+        q = q_select_triton(change, scores, 4, None, 1.0, tq, tk, True)
+        dens = store_plan_triton(q, kv, *bufs, 70, 70, 16, 16, True)
+        return kv, q, dens
+
+    scores, change = make()
+    bufs = _plan_buffers(B, H, nqb, nqb, "cuda")
+    plan_once(scores, change, bufs)                       # compile outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        outs = plan_once(scores, change, bufs)
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        new_scores, new_change = make()
+        scores.copy_(new_scores)
+        change.copy_(new_change)
+        graph.replay()
+        want_bufs = _plan_buffers(B, H, nqb, nqb, "cuda")
+        want = plan_once(new_scores, new_change, want_bufs)
+        torch.cuda.synchronize()
+        for a, b in zip(list(outs) + list(bufs), list(want) + list(want_bufs)):
+            assert torch.equal(a, b)

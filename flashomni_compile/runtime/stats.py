@@ -1,8 +1,8 @@
 """Per-site statistics: density, update/dispatch counts, time, cache memory; and a readable report.
 
-Counters and times are host values; densities are device scalars recorded at update steps and only
-read (one sync) when a report is made, so collecting them costs nothing on the hot path. Each update's
-densities are weighted by the number of dispatch steps its symbols served, so a policy whose
+Counters and times are host values; densities are device tensors (per-head parts) recorded at update
+steps and only read (one sync) when a report is made, so collecting them costs nothing on the hot path.
+Each update's densities are weighted by the number of dispatch steps its symbols served, so a policy whose
 thresholds ramp over the steps is reported by what the dispatch steps actually ran. Times are host
 launch times unless ``options={"timing": True}`` synchronises around every site call.
 
@@ -139,7 +139,7 @@ def reset_stats() -> None:
 
 
 def site_stats() -> list[SiteStats]:
-    """One ``SiteStats`` per site seen at run time (reads the density scalars: syncs once per layer)."""
+    """One ``SiteStats`` per site seen at run time (reads the density tensors: syncs once per layer and update period)."""
     from .state import all_layer_states
 
     by_site: dict[int, list[LayerStats]] = {}
