@@ -163,10 +163,8 @@ class SparseSymbols:
 def _block_weights(n: int, block: int, device) -> torch.Tensor:
     """Tokens held by each block (the last may be partial), float32 ``[NB]``; built once per
     (n, block, device) and shared: callers must not modify it."""
-    nb = num_blocks(n, block)
-    w = torch.full((nb,), float(block), device=device)
-    w[-1] = n - block * (nb - 1)
-    return w
+    # no host-to-device write (``w[-1] = ...`` would be one), so it can also be built inside a CUDA-graph capture
+    return (n - block * torch.arange(num_blocks(n, block), device=device)).clamp(max=block).to(torch.float32)
 
 
 def expand_kv_keep(kv_keep: torch.Tensor, seq_q: int, seq_kv: int, block_q: int, block_kv: int) -> torch.Tensor:

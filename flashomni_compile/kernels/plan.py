@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..symbols import _block_weights
+from ..symbols import kv_need as kv_need_of
 from .launch import launch, next_power_of_2, num_sms
 
 __all__ = ["kv_select", "kv_select_ref", "kv_select_triton", "q_select", "q_select_ref", "q_select_triton", "store_plan", "store_plan_ref",
@@ -357,12 +359,6 @@ def _store_plan_kernel(QK, KV, Q_OUT, KV_OUT, COUNT, INDEX, NEED, DENS, H, NQB, 
     tl.store(DENS + bh * 2 + 1, tl.sum(kv_acc, 0) * kv_norm)
 
 
-def _block_tokens(n: int, block: int, nb: int, device) -> Tensor:
-    """Tokens each of the ``nb`` blocks holds (the last may be partial), float32; no host-to-device copy,
-    so the twin also runs inside a CUDA-graph capture."""
-    return (n - block * torch.arange(nb, device=device)).clamp(max=block).to(torch.float32)
-
-
 def _check_plan(q_keep, kv_keep, q_out, kv_out, kv_count, kv_index, kv_need) -> None:
     B, H, nqb, nkb = kv_out.shape
     want = {"q_keep": (q_keep, (B, H, nqb), torch.bool), "kv_keep": (kv_keep, (B, H, nqb, nkb), torch.bool),
@@ -388,8 +384,6 @@ def store_plan_ref(q_keep: Tensor, kv_keep: Tensor, q_out: Tensor, kv_out: Tenso
     (queries computed / ``seq_q * B * H``) and of the kv density ((query, key) pairs that computed
     q-blocks attend to / ``seq_q * seq_kv * B * H``), so that ``dens.sum(0)`` is
     ``(SparseSymbols.q_density(), SparseSymbols.kv_density())``."""
-    from ..symbols import kv_need as kv_need_of
-
     _check_plan(q_keep, kv_keep, q_out, kv_out, kv_count, kv_index, kv_need)
     B, H, nqb, nkb = kv_out.shape
     if q_keep is not q_out:
@@ -399,8 +393,8 @@ def store_plan_ref(q_keep: Tensor, kv_keep: Tensor, q_out: Tensor, kv_out: Tenso
     torch.sum(kv_out, dim=-1, dtype=torch.int32, out=kv_count)
     kv_index.copy_(torch.sort(torch.logical_not(kv_out).view(torch.uint8), dim=-1, stable=True).indices)
     kv_need_of(q_out, kv_out, kv_sparse, out=kv_need)
-    wq = _block_tokens(seq_q, block_q, nqb, kv_out.device)
-    wk = _block_tokens(seq_kv, block_kv, nkb, kv_out.device)
+    wq = _block_weights(seq_q, block_q, kv_out.device)
+    wk = _block_weights(seq_kv, block_kv, kv_out.device)
     qw = q_out.to(torch.float32) * wq                                        # [B, H, NQB]
     keys = torch.matmul(kv_out.to(torch.float32), wk)                        # keys seen per query
     q_part = qw.sum(-1).reshape(-1) / max(1, seq_q * B * H)
@@ -414,12 +408,10 @@ def store_plan_triton(q_keep: Tensor, kv_keep: Tensor, q_out: Tensor, kv_out: Te
     """The kernel (same contract as ``store_plan_ref``): one launch, no host synchronisation."""
     _check_plan(q_keep, kv_keep, q_out, kv_out, kv_count, kv_index, kv_need)
     B, H, nqb, nkb = kv_out.shape
-    dens = torch.empty(B * H, 2, dtype=torch.float32, device=kv_out.device)
-    if B * H == 0:
-        return dens
-    if nqb == 0 or nkb == 0:
+    if B * H == 0 or nqb == 0 or nkb == 0:        # nothing to launch over: the twin handles the empty shapes
         return store_plan_ref(q_keep, kv_keep, q_out, kv_out, kv_count, kv_index, kv_need, seq_q, seq_kv,
                               block_q, block_kv, kv_sparse)
+    dens = torch.empty(B * H, 2, dtype=torch.float32, device=kv_out.device)
     nkb_p2 = max(16, next_power_of_2(nkb))
     rows = max(1, min(next_power_of_2(nqb), _PLAN_TILE // nkb_p2))
     launch(_store_plan_kernel, (B * H,), q_keep.view(torch.int8), kv_keep.view(torch.int8), q_out.view(torch.int8),

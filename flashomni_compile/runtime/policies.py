@@ -201,11 +201,8 @@ class PolicyContext:
     @property
     def n_text_q(self) -> int:
         """Number of q-blocks holding text (a host int: no device read)."""
-        t = self.spec.text_len if self.joint else 0
-        if t <= 0:
-            return 0
-        lo, hi = (0, t) if self.spec.text_first else (self.seq_q - t, self.seq_q)
-        return num_blocks(hi, self.block_q) - lo // self.block_q
+        lo, hi = self.text_q_range
+        return hi - lo
 
     @property
     def text_q_range(self) -> tuple[int, int]:
