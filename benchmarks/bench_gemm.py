@@ -342,6 +342,10 @@ def main():
     ap.add_argument("--only", default="", help="with --sweep: only these candidates (comma-separated names)")
     ap.add_argument("--compile-check", action="store_true",
                     help="no GPU needed: compile the GEMM-O candidates for sm_90, print registers/spills/shared")
+    ap.add_argument("--m", default="4608,33792", help="comma-separated row counts M (GPU runs)")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="with --sweep: stop after the candidates' table (and cuBLAS on the GEMM-Q shapes)")
+    ap.add_argument("--sweep-densities", default="1,0.5,0.125", help="with --sweep: the candidates' densities")
     ap.add_argument("--out", default="benchmarks/results/gemm_h100.json")
     args = ap.parse_args()
     if args.compile_check:
@@ -352,7 +356,7 @@ def main():
     fails = selfcheck(device) if not cpu else []
     if args.selfcheck:
         sys.exit(1 if fails else 0)
-    ms = (256,) if cpu else (4608, 33792)       # CPU: a smoke run of the script's logic only
+    ms = (256,) if cpu else tuple(int(m) for m in args.m.split(","))   # CPU: a smoke run of the logic only
     densities = (1.0, 0.125) if cpu else (1.0, 0.5, 0.25, 0.125)
     ceil = Ceilings(device)
     print(f"ceilings: copy {ceil.bw / 1e12:.2f} TB/s, cuBLAS bf16 {ceil.peak / 1e12:.0f} TFLOP/s", flush=True)
@@ -360,9 +364,21 @@ def main():
     cfg = {"q": None, "o": None, "c": None}
     sweep_rows = []
     if args.sweep and not cpu:
-        cfg, sweep_rows = sweep(device, ms, (1.0, 0.5, 0.125), tuple(args.kernels.split(",")),
+        sweep_d = tuple(float(d) for d in args.sweep_densities.split(","))
+        cfg, sweep_rows = sweep(device, ms, sweep_d, tuple(args.kernels.split(",")),
                                 tuple(n for n in args.only.split(",") if n))
         cfg = {k: cfg.get(k) for k in ("q", "o", "c")}
+        if args.sweep_only:
+            base = []
+            for M in ms:
+                for N in (K, 3 * K):
+                    _, _, (x, w, b) = q_case(M, N, 1.0, None, device)
+                    base.append(timed(lambda: F.linear(x, w, b), lambda: 0.0, "cublas", M=M, K=K, N=N, density=1.0))
+            head = header()
+            head.update(sweep=sweep_rows)
+            write_results(args.out, head, base)
+            print(format_table(base, ["impl", "M", "K", "N", "ms"]))
+            return
 
     records = []
     for M in ms:

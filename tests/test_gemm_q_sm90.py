@@ -102,6 +102,28 @@ def test_supports_declines_what_the_kernel_does_not_cover():
         assert not gemm_q_sm90.supports(x[..., 1:], w[:, 1:], None, y, 128, 0, 128)   # misaligned rows
 
 
+def test_table_sends_small_fused_calls_to_triton(monkeypatch):
+    """``gemm_q.gluon_takes``: fused-QKV calls of at most ``fused_triton_rows`` rows (B * M) take the Triton
+    kernel; Q-only calls and larger fused ones take Gluon wherever ``supports`` does (faked here)."""
+    monkeypatch.setattr(gemm_q_sm90, "supports", lambda *a: True)
+    monkeypatch.setattr(gemm_q, "GLUON_ON", True)
+    table = gemm_q.CONFIGS[("sm90", "q")]
+    assert table.fused_triton_rows == 6144
+    w_q, w_qkv = torch.empty(3072, 64), torch.empty(9216, 64)
+
+    def takes(b, m, w, cfg=table):
+        x = torch.empty(b, m, 64)
+        return gemm_q.gluon_takes(x, w, None, x, 128, 0, 128, 3072, cfg)
+
+    assert not takes(1, 4608, w_qkv) and not takes(1, 512, w_qkv) and not takes(1, 6144, w_qkv)
+    assert takes(1, 6145, w_qkv) and takes(2, 4096, w_qkv)      # rows count over the batch
+    assert takes(1, 4608, w_q) and takes(1, 512, w_q)           # Q alone: Gluon at every size
+    assert takes(1, 4608, w_qkv, GLUON)                         # a config without the threshold: Gluon
+    assert not takes(1, 33792, w_qkv, table._replace(gluon=()))  # no Gluon in the config
+    monkeypatch.setattr(gemm_q_sm90, "supports", lambda *a: False)
+    assert not takes(1, 33792, w_qkv)
+
+
 def _rand(g, *shape, dtype):
     return torch.randn(*shape, generator=g, device="cuda").to(dtype)
 

@@ -107,6 +107,23 @@ def test_replays_equal_eager_over_generations(explicit, order, sparse_updates):
     assert any(s[6] > 0 for s in stats) == sparse_updates
 
 
+def test_memory_plan_phases_are_host_state(monkeypatch):
+    """The feature cache's two-phase memory plan (CUDA only: engine._device_memory, here faked with ample
+    room) raises a branch's order at its second update and keeps it: generation 1's first update starts
+    from a planned order-1 cache, a host state generation 0 never had. The runner must key on it (a new
+    key: eager, captured in generation 2), and replays must equal eager calls."""
+    monkeypatch.setattr(engine, "_device_memory", lambda device: (1 << 40, 1 << 41))
+    opts = dict(SPARSE, taylor_order=1, cache_min_free=0.1)
+    ref, ref_stats, _ = _run(opts, 3, graphs_on=False)
+    with emulated_graphs():
+        out, stats, n = _run(opts, 3, graphs_on=True)
+    assert n["captures"] == STEPS and n["capture_failures"] == 0 and n["drops"] == 0, n
+    assert n["eager"] == STEPS + 2 and n["replays"] == 2 * STEPS - 2, n
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert _same(a, b), f"call {i} (generation {i // STEPS}, step {i % STEPS}) differs"
+    assert stats == ref_stats
+
+
 def test_replay_runs_no_python_of_the_engine(monkeypatch):
     """A replay must not call the site ops: make them fail after the capture generation."""
     torch._dynamo.reset()
@@ -221,8 +238,18 @@ def test_graphs_without_sites_are_not_wrapped():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (real CUDA graphs)")
+@pytest.mark.parametrize("memory_plan", [False, True], ids=["no-memory-plan", "memory-plan"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graphs_equal_eager_on_gpu(dtype):
+def test_cuda_graphs_equal_eager_on_gpu(dtype, memory_plan):
+    """Real CUDA graphs against the same model without them, over three generations.
+
+    On CUDA the feature cache's memory plan (``cache_min_free``, engine._cache_order) has two phases: a
+    branch's first update takes order 0, its second raises the order, and the order then stays for good.
+    So generation 1's step 1 (the first update) starts from a planned order-1 cache, a host state
+    generation 0's step 1 never had: a new key, run eagerly, captured in generation 2. Without the plan
+    (``cache_min_free=None``, as off CUDA) the counts are those of the CPU test above."""
+    opts = dict(SPARSE, cache_min_free=0.1 if memory_plan else None)
+
     def run(on):
         torch._dynamo.reset()
         engine.reset()
@@ -231,14 +258,17 @@ def test_cuda_graphs_equal_eager_on_gpu(dtype):
         kw = {k: (v.to("cuda", dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
                   v.to("cuda") if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
         compiled = torch.compile(model, backend="flashomni", fullgraph=True,
-                                 options={"cuda_graphs": on, **SPARSE})
+                                 options={"cuda_graphs": on, **opts})
         before = graphs.graph_stats()
         outs = _generations(compiled, kw, 3)
         return outs, {k: graphs.graph_stats()[k] - before[k] for k in before}
 
     ref, _ = run(False)
     out, n = run(True)
-    assert n["captures"] == STEPS and n["replays"] == 2 * STEPS - 1 and n["capture_failures"] == 0, n
+    late = 1 if memory_plan else 0       # generation 1's step 1 stays eager with the plan
+    assert n["capture_failures"] == 0 and n["drops"] == 0, n
+    assert n["captures"] == STEPS, n
+    assert n["eager"] == STEPS + 1 + late and n["replays"] == 2 * STEPS - 1 - late, n
     # Same kernels on the same values, but cuBLAS may pick another algorithm inside a capture: rounding-level
     # differences only (fp32 runs tf32 GEMMs). A wrong host decision moves the output by > 1e-2.
     tol = {torch.float32: 2e-3, torch.bfloat16: 1e-2}[dtype]

@@ -211,6 +211,9 @@ class Config(NamedTuple):
     # "c", gemm_q_sm90.py for "q": 128 x 256 units only), run where it applies (its ``supports``); the
     # fields above are the Triton kernel's for the other calls
     gluon: tuple = ()
+    # GEMM-Q: fused-QKV calls (dense K/V columns beside the sparse Q ones) of at most this many rows
+    # (B * M) run the Triton kernel even where the Gluon one applies (0: never)
+    fused_triton_rows: int = 0
 
 
 # Per (arch, kernel); kernels: "q" GEMM-Q, "o" sparse_linear_o (dispatch step), "c" out_proj_cache
@@ -219,7 +222,9 @@ class Config(NamedTuple):
 #   q: 128x256 split tiles, 4 stages: 10.8 ms summed vs 11.9 for 128x128 (dense QKV 2.88 vs 3.24 ms at
 #      M=33792; at d=0.125 the split keeps Q as cheap as 128x128 tiles: 0.274 vs 0.273 ms). On sm_90 the
 #      calls gemm_q_sm90.supports takes run the Gluon kernel (kept halves paired per row block, dealt
-#      evenly over persistent programs; benchmarks/NOTES.md, session 11).
+#      evenly over persistent programs; benchmarks/NOTES.md, session 11), except fused-QKV calls of at
+#      most 6144 rows: there the Triton kernel was 1-10% faster at every density on the H200 (2048, 4096,
+#      4608 rows; a tie at 8192, Gluon ahead from 16384; results/gemm_h200_q_route.json, session 14).
 #   o, c: 128x128, 8 warps, 4 stages. 64x128 4-warp tiles (2 CTAs per SM) were 19% faster at d=0.125
 #      (0.279 vs 0.343 ms) but 50% slower dense (1.67 vs 1.11 ms); density is per-step data, so no switch.
 #      On sm_90 the calls gemm_o_sm90.supports takes run the Gluon kernel instead: cooperative 128x256
@@ -231,7 +236,7 @@ class Config(NamedTuple):
 # local-memory access in any innermost loop, 8-32 B saved at its entry (tests/test_gemm_sm90.py). "cpu" is the interpreter (tests): small tiles so that several
 # tiles, partial tiles and straddling heads occur at tiny sizes.
 CONFIGS = {
-    ("sm90", "q"): Config(128, 256, 64, 8, 8, 4, True, split_n=True, gluon=(128, 256, 3)),
+    ("sm90", "q"): Config(128, 256, 64, 8, 8, 4, True, split_n=True, gluon=(128, 256, 3), fused_triton_rows=6144),
     ("sm90", "o"): Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 256, 3)),
     ("sm90", "c"): Config(128, 128, 64, 8, 8, 4, True, gluon=(128, 256, 3)),
     ("cuda", "q"): Config(128, 128, 32, 8, 4, 3, False),
@@ -293,19 +298,30 @@ def setup(x: Tensor, n: int, out: Optional[Tensor], config: Optional[Config], ke
 # ---------------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------------
+def gluon_takes(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, head_dim: int, row_offset: int,
+                block_q: int, sparse_cols: int, cfg: Config) -> bool:
+    """Whether a call runs the Gluon kernel: the config asks for it, ``gemm_q_sm90.supports`` takes it, and it
+    is not a fused-QKV call (``sparse_cols < N``) of at most ``cfg.fused_triton_rows`` rows. By shape only:
+    the density is on the device, and the dispatch path reads nothing back."""
+    if not (cfg.gluon and GLUON_ON and gemm_q_sm90.supports(x, weight, bias, y, head_dim, row_offset, block_q)):
+        return False
+    return not (sparse_cols < weight.shape[0] and x.shape[0] * x.shape[1] <= cfg.fused_triton_rows)
+
+
 def sparse_linear_q_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], q_keep: Tensor, head_dim: int,
                            row_offset: int, block_q: int, sparse_cols: int, config: Optional[Config] = None,
                            out: Optional[Tensor] = None, programs: Optional[int] = None) -> Tensor:
     """Launcher (same contract as ``sparse_linear_q_ref``); ``config`` overrides the table, ``out``
     (``[B, M, N]``, any strides) receives the result instead of a new tensor. On sm_90, with
     ``Config.gluon`` set, the calls ``gemm_q_sm90.supports`` takes run the persistent Gluon kernel
-    (``programs`` caps its grid; ``FLASHOMNI_GLUON=0`` turns it off), the others the Triton kernel here."""
+    (``programs`` caps its grid; ``FLASHOMNI_GLUON=0`` turns it off), the others the Triton kernel here:
+    also fused-QKV calls of at most ``Config.fused_triton_rows`` rows."""
     B, M, K = x.shape
     N = weight.shape[0]
     y, cfg, block_m, block_k, first, tiles_m = setup(x, N, out, config, "q", row_offset, block_q)
     if y.numel() == 0:
         return y
-    if cfg.gluon and GLUON_ON and gemm_q_sm90.supports(x, weight, bias, y, head_dim, row_offset, block_q):
+    if gluon_takes(x, weight, bias, y, head_dim, row_offset, block_q, sparse_cols, cfg):
         if tuple(cfg.gluon[:2]) != (gemm_q_sm90.BLOCK_M, gemm_q_sm90.BLOCK_N):
             raise ValueError(f"GEMM-Q's Gluon kernel has one unit shape, {gemm_q_sm90.BLOCK_M} x "
                              f"{gemm_q_sm90.BLOCK_N}; Config.gluon asks for {cfg.gluon[0]} x {cfg.gluon[1]}")
