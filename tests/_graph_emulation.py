@@ -14,6 +14,7 @@ Use it with ``emulated_graphs()`` (a context manager that swaps ``graphs.GRAPH_B
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch._library.custom_ops import _maybe_get_opdef
@@ -68,9 +69,12 @@ class _Recorder(TorchDispatchMode):
 class EmulatedGraph:
     accepts_cpu = True
     replays = 0
+    holds_refs = True    # its program keeps tensor objects alive, where a CUDA graph keeps raw addresses
+    _live: "weakref.WeakSet[EmulatedGraph]" = weakref.WeakSet()
 
     def __init__(self, pool, stream) -> None:
         self.program: list = []
+        EmulatedGraph._live.add(self)
 
     @staticmethod
     def new_pool():
@@ -87,6 +91,20 @@ class EmulatedGraph:
                 return fn()
         finally:
             rec.restore()
+
+    @classmethod
+    def refs(cls, t: torch.Tensor) -> int:
+        """Storage references of ``t`` held by the recorded programs of every live emulated graph (tensor
+        objects other than ``t`` on its storage). A CUDA graph holds none; the runner's liveness check
+        (graphs.StepGraphs._free) discounts these, so that it sees what it would see with real graphs."""
+        ptr = t.untyped_storage().data_ptr()
+        seen = {}
+        for g in list(cls._live):
+            for func, args, kwargs, out in g.program:
+                for x in tree_flatten((args, kwargs, out))[0]:
+                    if isinstance(x, torch.Tensor) and x is not t and x.untyped_storage().data_ptr() == ptr:
+                        seen[id(x)] = x
+        return len(seen)
 
     def replay(self) -> None:
         EmulatedGraph.replays += 1

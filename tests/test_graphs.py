@@ -124,6 +124,89 @@ def test_memory_plan_phases_are_host_state(monkeypatch):
     assert stats == ref_stats
 
 
+def _wrappers(monkeypatch) -> list:
+    """Every StepGraphs the backend builds from now on."""
+    made = []
+    init = graphs.StepGraphs.__init__
+
+    def record(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+    monkeypatch.setattr(graphs.StepGraphs, "__init__", record)
+    return made
+
+
+def _regional(graphs_on: bool):
+    torch._dynamo.reset()
+    engine.set_runtime_options(None)
+    model, kw = _flux()
+    model.compile_repeated_blocks(backend="flashomni", fullgraph=True,
+                                  options={"inner_backend": "aot_eager", "cuda_graphs": graphs_on, **SPARSE})
+    return model, kw
+
+
+def test_regional_layers_hand_outputs_over(monkeypatch):
+    """Regional compilation (one graph per block class, called once per layer): the second dual block reads
+    the first one's outputs in place from the wrapper's output buffers (no staging copy) and writes the
+    other set; replays equal the eager run, nothing is busy (the caller drops each layer's outputs), and
+    the third generation only replays."""
+    model, kw = _regional(False)
+    ref = _generations(model, kw, 3)
+    made = _wrappers(monkeypatch)
+    copies = []
+    stage = graphs.StepGraphs._static_args
+
+    def counted(self, args, handed=()):
+        copies.append(sum(1 for j, i in enumerate(self.dynamic_idx) if not (j < len(handed) and handed[j] is not None)))
+        return stage(self, args, handed)
+    monkeypatch.setattr(graphs.StepGraphs, "_static_args", counted)
+    out, per_gen = [], []
+    with emulated_graphs():
+        model, kw = _regional(True)
+        for _ in range(3):
+            before = graphs.graph_stats()
+            out += _generations(model, kw, 1)
+            per_gen.append({k: graphs.graph_stats()[k] - before[k] for k in before})
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert _same(a, b), f"call {i} differs"
+    assert all(n["busy"] == 0 and n["capture_failures"] == 0 for n in per_gen), per_gen
+    # As with one graph: generation 1 captures all but step 0, generation 2 captures the 3 layers' step 0 and
+    # runs nothing eagerly. Eager calls hand their outputs over too, else each generation would capture only
+    # one layer further down the chain (generation 2 ran 1 call eagerly, generation 3 captured another).
+    assert per_gen[2]["eager"] == 0 and per_gen[2]["replays"] == 3 * STEPS, per_gen
+    assert per_gen[2]["captures"] == 3, per_gen
+    dual = [w for w in made if any(k[0] == 1 for k in w.out_buffers)]
+    assert len(dual) == 1, "the dual blocks' wrapper writes both output sets"
+    handed = [e.handed for e in dual[0].entries.values()]
+    assert any(any(h is not None for h in hs) for hs in handed), "the second layer reads in place"
+    assert all(w.handover for w in made)
+
+
+def test_held_outputs_are_never_overwritten(monkeypatch):
+    """A caller that keeps every output (no clone) across calls: the buffer a replay would write is still
+    held, so that call runs eagerly and the wrapper returns copies from then on. Every kept output must
+    still equal the run without step graphs."""
+    opts = dict(SPARSE)
+    ref, _, _ = _run(opts, 3, graphs_on=False)
+    with emulated_graphs():
+        torch._dynamo.reset()
+        engine.set_runtime_options(None)
+        model, kw = _flux()
+        compiled = torch.compile(model, backend="flashomni", fullgraph=True,
+                                 options={"inner_backend": "aot_eager", "cuda_graphs": True, **opts})
+        before = graphs.graph_stats()
+        kept = []
+        with torch.no_grad():
+            for g in range(3):
+                for i in range(STEPS):
+                    kept.append(compiled(**_inputs(kw, i))[0])      # held, not cloned
+        clear_step()
+        n = {k: graphs.graph_stats()[k] - before[k] for k in before}
+    assert n["busy"] == 1, n
+    for i, (a, b) in enumerate(zip(kept, ref)):
+        assert _same(a, b), f"kept output {i} (generation {i // STEPS}, step {i % STEPS}) was overwritten"
+
+
 def test_replay_runs_no_python_of_the_engine(monkeypatch):
     """A replay must not call the site ops: make them fail after the capture generation."""
     torch._dynamo.reset()
@@ -206,7 +289,7 @@ def test_expanded_inputs_stay_eager():
         assert graphs.graph_stats() == before, "no key, no capture, no replay"
         y = torch.randn(4, 3)
         for _ in range(3):
-            out = runner(y, w)
+            out = runner(y, w).clone()     # not held across calls (test_held_outputs_are_never_overwritten)
         torch.testing.assert_close(out, y * w)
         after = graphs.graph_stats()
         assert (after["eager"] - before["eager"], after["captures"] - before["captures"]) == (2, 1)

@@ -22,15 +22,25 @@ steps with no total) never capture: such runs stay eager and pay only the key.
 
 Safety: dynamic inputs are copied into static buffers (one set per input shape, shared by every graph
 of the wrapper); each graph ends by copying its outputs into static output buffers (also shared, allocated
-outside the pool) and the runner returns clones of those, so no graph keeps tensors alive in the pool it
-shares with the others: the pool holds one call's intermediates, not one output per graph (Flux at
-1024^2 with regional compilation: 1,140 graphs, whose outputs alone would take ~30 GB); a capture that
-allocates or replaces a
-persistent state tensor (a first call in disguise) is replayed once and then every graph of the wrapper
-is dropped; a capture that fails (a host sync in a user policy or hook, say) restores the host state,
-runs the call eagerly and never captures that key again; ``engine.reset`` / ``set_runtime_options``
-drop every graph. Policies and symbol hooks must be functions of their inputs and the step (no hidden
-host state), which every built-in is.
+outside the pool), so no graph keeps tensors alive in the pool it shares with the others: the pool holds
+one call's intermediates, not one output per graph (Flux at 1024^2 with regional compilation: 1,140
+graphs, whose outputs alone would take ~30 GB). A capture that allocates or replaces a persistent state
+tensor (a first call in disguise) is replayed once and then every graph of the wrapper is dropped; a
+capture that fails (a host sync in a user policy or hook, say) restores the host state, runs the call
+eagerly and never captures that key again; ``engine.reset`` / ``set_runtime_options`` drop every graph.
+Policies and symbol hooks must be functions of their inputs and the step (no hidden host state), which
+every built-in is.
+
+Outputs are handed over, not cloned. There are two sets of output buffers; a call returns views of the
+set its graph wrote, and a call whose input *is* one of those buffers (the next layer of a regional
+compilation, fed the last one's output) reads it in place, with no copy into a static input buffer, and
+writes the other set. So a chain of layers ping-pongs between the two sets, and a layer costs one copy
+(its outputs into the set) where staging, that copy and a clone cost three (Flux 1024^2: ~2 ms of
+copies a step). Before a graph writes a set, the runner checks that nothing outside it still holds
+those buffers (storage use counts, as torch's CUDA-graph trees check their outputs' liveness): a caller
+that keeps an output past the next call but one, or a view or ``detach()`` of it, would otherwise see
+it overwritten. If something does, that call runs eagerly and the wrapper switches to cloning its
+outputs from then on (its graphs are dropped and recaptured; counted as ``busy`` in ``graph_stats``).
 
 ``_CudaGraph`` is the real backend; tests swap ``GRAPH_BACKEND`` for an emulation that records the ATen
 ops of the capture and replays them on CPU (tests/_graph_emulation.py).
@@ -172,9 +182,23 @@ class _Entry:
     states: list              # the layer states touched, in first-touch order
     post: list                # their host fields after the call (_save)
     stats_log: list           # (LayerStats, method, args) the call made
+    handed: tuple = ()        # per dynamic input: the output-buffer set it is read from in place (or None)
 
 
-_COUNTS = {"eager": 0, "captures": 0, "replays": 0, "capture_failures": 0, "drops": 0}
+_COUNTS = {"eager": 0, "captures": 0, "replays": 0, "capture_failures": 0, "drops": 0, "busy": 0}
+
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)   # None: no liveness check, so no hand-over
+
+
+def _alias(b: Tensor) -> Tensor:
+    """A new tensor on ``b``'s memory with ``b``'s exact strides (``view`` would renormalise the stride of a
+    size-1 dimension, and the next call would then not recognise its input as this buffer)."""
+    return b.as_strided(b.shape, b.stride(), b.storage_offset())
+
+
+def _use_count(t: Tensor) -> int:
+    """References to ``t``'s storage (every tensor or view on it holds one)."""
+    return _USE_COUNT(t.untyped_storage()._cdata)
 
 
 _FAILURES: list[str] = []   # the first few capture errors, for reports
@@ -206,7 +230,9 @@ class StepGraphs:
         self.failed: set = set()
         self.entries: dict[tuple, _Entry] = {}
         self.buffers: dict[tuple, Tensor] = {}     # (input index, shape, stride, dtype) -> static input
-        self.out_buffers: dict[tuple, Tensor] = {}  # (output index, shape, stride, dtype) -> static output
+        self.out_buffers: dict[tuple, Tensor] = {}  # (set, output index, shape, stride, dtype) -> static output
+        self.out_refs: dict[int, tuple] = {}         # data_ptr -> (set, buffer, its storage's use count alone)
+        self.handover = _USE_COUNT is not None       # return views of the output buffers (module docstring)
         self.out_meta: dict[tuple, list] = {}       # (static addresses, input metas) -> eager output metas
         self.pool = None
         self.stream = None
@@ -218,8 +244,9 @@ class StepGraphs:
 
     def _eager(self, args: list, sig: Optional[tuple]) -> Any:
         _COUNTS["eager"] += 1
+        handed = self._handed(args)
         if sig is None:
-            return self._call(args)
+            return self._hand_over(self._call(args), handed)
         touched: list = []
         engine._TOUCHED = touched
         try:
@@ -228,7 +255,24 @@ class StepGraphs:
             engine._TOUCHED = None
         self.touched[sig] = tuple(dict.fromkeys(touched))
         self.out_meta[(sig, _meta(args, self.dynamic_set))] = [_tmeta(t) for t in tree_flatten(out)[0]]
-        return out
+        return self._hand_over(out, handed)
+
+    def _hand_over(self, out: Any, handed: tuple) -> Any:
+        """An eager call's outputs, copied into the output-buffer set its graph would write and returned as
+        views of it, as a replay returns them: the next call's key (which of its inputs sit in which set)
+        is then the same whether this call ran eagerly or from a graph, so a chain of layers captures in
+        the second generation, not one layer further each generation."""
+        if not self.handover:
+            return out
+        flat, spec = tree_flatten(out)
+        bufs = self._buffers(self._write_set(handed), [_tmeta(t) for t in flat])
+        if not self._free(bufs, []):
+            self._give_up()
+            return out
+        for t, b in zip(flat, bufs):
+            if b is not None:
+                b.copy_(t)
+        return tree_unflatten([t if b is None else _alias(b) for t, b in zip(flat, bufs)], spec)
 
     def drop(self) -> None:
         """Forget every graph (and the pool they share), e.g. after ``engine.reset``."""
@@ -267,9 +311,12 @@ class StepGraphs:
         states = [_STATES.get(k) for k in keys]
         if any(s is None for s in states) or any(s.options.timing for s in states):
             return self._eager(args, sig)
-        key = (sig, _meta(args, self.dynamic_set), _global_key(), tuple(_decision(s) for s in states))
+        key = (sig, _meta(args, self.dynamic_set), self._handed(args), _global_key(),
+               tuple(_decision(s) for s in states))
         entry = self.entries.get(key)
         if entry is not None:
+            if not self._free(entry.outputs, args):
+                return self._busy(args)
             return self._replay(entry, args)
         if key in self.failed:
             return self._eager(args, None)
@@ -280,9 +327,57 @@ class StepGraphs:
             return self._eager(args, sig)
         return self._capture(key, args, sig, states)
 
-    def _static_args(self, args: list) -> list:
-        out = list(args)
+    def _handed(self, args: list) -> tuple:
+        """Per dynamic input: the output-buffer set it is (a view of a whole buffer of this wrapper, read in
+        place), or None (copied into a static input buffer). Only inputs of the first such set count, so
+        that the call can write the other one."""
+        if not self.handover:
+            return ()
+        sets = []
         for i in self.dynamic_idx:
+            ref = self.out_refs.get(args[i].data_ptr())
+            whole = ref is not None and _tmeta(args[i]) == _tmeta(ref[1])
+            sets.append(ref[0] if whole else None)
+        first = next((x for x in sets if x is not None), None)
+        return tuple(x if x == first else None for x in sets)
+
+    def _write_set(self, handed: tuple) -> int:
+        first = next((x for x in handed if x is not None), None)
+        return 0 if first is None else 1 - first
+
+    def _free(self, outputs: Any, args: list) -> bool:
+        """Whether the output buffers a graph writes are held by nobody but this wrapper (module docstring)."""
+        if not self.handover:
+            return True
+        for b in tree_flatten(outputs)[0]:
+            if not isinstance(b, Tensor):
+                continue
+            held = _use_count(b) - self.out_refs[b.data_ptr()][2]
+            if getattr(GRAPH_BACKEND, "holds_refs", False):   # tests' emulation: its programs hold tensors
+                held -= GRAPH_BACKEND.refs(b)
+            if held:
+                return False
+        return True
+
+    def _busy(self, args: list) -> Any:
+        """An output buffer is still in use: this call runs eagerly, and the wrapper clones from now on."""
+        self._give_up()
+        return self._eager(args, None)
+
+    def _give_up(self) -> None:
+        _COUNTS["busy"] += 1
+        log.info("flashomni: an output of %s is still held when its buffer is written next; its step graphs now "
+                 "return copies", self.name or "a graph")
+        self.handover = False
+        self.drop()
+        self.out_buffers.clear()       # views of them are still out there: later graphs write new ones
+        self.out_refs.clear()
+
+    def _static_args(self, args: list, handed: tuple = ()) -> list:
+        out = list(args)
+        for j, i in enumerate(self.dynamic_idx):
+            if j < len(handed) and handed[j] is not None:
+                continue                      # one of this wrapper's output buffers: read in place
             a = args[i]
             bk = (i, tuple(a.shape), a.stride(), a.dtype, a.device)
             buf = self.buffers.get(bk)
@@ -294,22 +389,30 @@ class StepGraphs:
         return out
 
     def _out_buffers(self, key: tuple) -> list:
-        """Static output buffers (allocated outside any capture) for the outputs the eager call made."""
+        """Static output buffers (allocated outside any capture) for the outputs the eager call made, in the
+        set the call writes."""
+        return self._buffers(self._write_set(key[2]), self.out_meta[key[:2]])
+
+    def _buffers(self, wset: int, metas: list) -> list:
         bufs = []
-        for i, m in enumerate(self.out_meta[key[:2]]):
+        for i, m in enumerate(metas):
             if m is None:
                 bufs.append(None)
                 continue
-            bk = (i, *m)
+            bk = (wset, i, *m)
             if bk not in self.out_buffers:
                 shape, stride, dtype, device = m
-                self.out_buffers[bk] = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                buf = self.out_buffers[bk] = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                if _USE_COUNT is not None:
+                    self.out_refs[buf.data_ptr()] = (wset, buf, _use_count(buf))
             bufs.append(self.out_buffers[bk])
         return bufs
 
     def _capture(self, key: tuple, args: list, sig: tuple, states: list) -> Any:
-        static = self._static_args(args)
         bufs = self._out_buffers(key)
+        if not self._free(bufs, args):
+            return self._busy(args)
+        static = self._static_args(args, key[2])
 
         def body():
             # the call, then its outputs copied into the static buffers; the result object carries them
@@ -352,7 +455,7 @@ class StepGraphs:
                         self.name or "a graph", type(error).__name__, error)
             return self._eager(args, None)
         _COUNTS["captures"] += 1
-        entry = _Entry(graph, outputs, states, [_save(s) for s in states], stats_log)
+        entry = _Entry(graph, outputs, states, [_save(s) for s in states], stats_log, key[2])
         stable = tuple(dict.fromkeys(touched)) == self.touched.get(sig) and [_ptrs(s) for s in states] == ptrs
         result = self._finish(entry)
         if stable:
@@ -365,7 +468,7 @@ class StepGraphs:
         return result
 
     def _replay(self, entry: _Entry, args: list) -> Any:
-        self._static_args(args)
+        self._static_args(args, entry.handed)
         return self._finish(entry)
 
     def _finish(self, entry: _Entry) -> Any:
@@ -378,7 +481,9 @@ class StepGraphs:
                 stats.record_update(*(t.clone() for t in a))
             else:
                 getattr(stats, name)(*a, replayed=True)
-        return tree_map_only(Tensor, torch.clone, entry.outputs)   # the static buffers stay the graph's
+        if self.handover:     # views: the buffers' use counts then say whether the caller still holds them
+            return tree_map_only(Tensor, lambda b: _alias(b), entry.outputs)
+        return tree_map_only(Tensor, torch.clone, entry.outputs)
 
 
 def _is_static(x: Any) -> bool:
