@@ -38,8 +38,8 @@ writes the other set. So a chain of layers ping-pongs between the two sets, and 
 (its outputs into the set) where staging, that copy and a clone cost three (Flux 1024^2: ~2 ms of
 copies a step). Before a graph writes a set, the runner checks that nothing outside it still holds
 those buffers (storage use counts, as torch's CUDA-graph trees check their outputs' liveness): a caller
-that keeps an output past the next call but one, or a view or ``detach()`` of it, would otherwise see
-it overwritten. If something does, that call runs eagerly and the wrapper switches to cloning its
+that keeps an output (or a view or ``detach()`` of it) until its set is written again (the call after
+next in a chain, the next call otherwise) would otherwise see it overwritten. If something does, that call runs eagerly and the wrapper switches to cloning its
 outputs from then on (its graphs are dropped and recaptured; counted as ``busy`` in ``graph_stats``).
 
 ``_CudaGraph`` is the real backend; tests swap ``GRAPH_BACKEND`` for an emulation that records the ATen
@@ -182,7 +182,7 @@ class _Entry:
     states: list              # the layer states touched, in first-touch order
     post: list                # their host fields after the call (_save)
     stats_log: list           # (LayerStats, method, args) the call made
-    handed: tuple = ()        # per dynamic input: the output-buffer set it is read from in place (or None)
+    handed: tuple = ()        # per dynamic input: the output buffer (set, index) it is read from in place, or None
 
 
 _COUNTS = {"eager": 0, "captures": 0, "replays": 0, "capture_failures": 0, "drops": 0, "busy": 0}
@@ -231,7 +231,7 @@ class StepGraphs:
         self.entries: dict[tuple, _Entry] = {}
         self.buffers: dict[tuple, Tensor] = {}     # (input index, shape, stride, dtype) -> static input
         self.out_buffers: dict[tuple, Tensor] = {}  # (set, output index, shape, stride, dtype) -> static output
-        self.out_refs: dict[int, tuple] = {}         # data_ptr -> (set, buffer, its storage's use count alone)
+        self.out_refs: dict[int, tuple] = {}         # data_ptr -> (set, output index, buffer, use count alone)
         self.handover = _USE_COUNT is not None       # return views of the output buffers (module docstring)
         self.out_meta: dict[tuple, list] = {}       # (static addresses, input metas) -> eager output metas
         self.pool = None
@@ -266,7 +266,7 @@ class StepGraphs:
             return out
         flat, spec = tree_flatten(out)
         bufs = self._buffers(self._write_set(handed), [_tmeta(t) for t in flat])
-        if not self._free(bufs, []):
+        if not self._free(bufs):
             self._give_up()
             return out
         for t, b in zip(flat, bufs):
@@ -315,7 +315,7 @@ class StepGraphs:
                tuple(_decision(s) for s in states))
         entry = self.entries.get(key)
         if entry is not None:
-            if not self._free(entry.outputs, args):
+            if not self._free(entry.outputs):
                 return self._busy(args)
             return self._replay(entry, args)
         if key in self.failed:
@@ -328,31 +328,32 @@ class StepGraphs:
         return self._capture(key, args, sig, states)
 
     def _handed(self, args: list) -> tuple:
-        """Per dynamic input: the output-buffer set it is (a view of a whole buffer of this wrapper, read in
-        place), or None (copied into a static input buffer). Only inputs of the first such set count, so
-        that the call can write the other one."""
+        """Per dynamic input: the output buffer it is, as (set, output index), when it is a whole buffer of
+        this wrapper (read in place), else None (copied into a static input buffer). Only inputs of the
+        first such set count, so that the call can write the other one. The index is part of the key: two
+        outputs of one shape passed in swapped order read other addresses."""
         if not self.handover:
             return ()
-        sets = []
+        found = []
         for i in self.dynamic_idx:
             ref = self.out_refs.get(args[i].data_ptr())
-            whole = ref is not None and _tmeta(args[i]) == _tmeta(ref[1])
-            sets.append(ref[0] if whole else None)
-        first = next((x for x in sets if x is not None), None)
-        return tuple(x if x == first else None for x in sets)
+            whole = ref is not None and _tmeta(args[i]) == _tmeta(ref[2])
+            found.append(ref[:2] if whole else None)
+        first = next((x[0] for x in found if x is not None), None)
+        return tuple(x if x is not None and x[0] == first else None for x in found)
 
     def _write_set(self, handed: tuple) -> int:
-        first = next((x for x in handed if x is not None), None)
+        first = next((x[0] for x in handed if x is not None), None)
         return 0 if first is None else 1 - first
 
-    def _free(self, outputs: Any, args: list) -> bool:
+    def _free(self, outputs: Any) -> bool:
         """Whether the output buffers a graph writes are held by nobody but this wrapper (module docstring)."""
         if not self.handover:
             return True
         for b in tree_flatten(outputs)[0]:
             if not isinstance(b, Tensor):
                 continue
-            held = _use_count(b) - self.out_refs[b.data_ptr()][2]
+            held = _use_count(b) - self.out_refs[b.data_ptr()][3]
             if getattr(GRAPH_BACKEND, "holds_refs", False):   # tests' emulation: its programs hold tensors
                 held -= GRAPH_BACKEND.refs(b)
             if held:
@@ -404,13 +405,13 @@ class StepGraphs:
                 shape, stride, dtype, device = m
                 buf = self.out_buffers[bk] = torch.empty_strided(shape, stride, dtype=dtype, device=device)
                 if _USE_COUNT is not None:
-                    self.out_refs[buf.data_ptr()] = (wset, buf, _use_count(buf))
+                    self.out_refs[buf.data_ptr()] = (wset, i, buf, _use_count(buf))
             bufs.append(self.out_buffers[bk])
         return bufs
 
     def _capture(self, key: tuple, args: list, sig: tuple, states: list) -> Any:
         bufs = self._out_buffers(key)
-        if not self._free(bufs, args):
+        if not self._free(bufs):
             return self._busy(args)
         static = self._static_args(args, key[2])
 
@@ -482,7 +483,7 @@ class StepGraphs:
             else:
                 getattr(stats, name)(*a, replayed=True)
         if self.handover:     # views: the buffers' use counts then say whether the caller still holds them
-            return tree_map_only(Tensor, lambda b: _alias(b), entry.outputs)
+            return tree_map_only(Tensor, _alias, entry.outputs)
         return tree_map_only(Tensor, torch.clone, entry.outputs)
 
 
