@@ -18,7 +18,8 @@ addresses): a call made from the same host state launches the same kernels on th
 
 With ``total_steps`` known (or ``set_step``), the host state repeats every generation, so the first
 generation runs eagerly, the second captures, and later ones replay. Keys that never repeat (counted
-steps with no total) never capture: such runs stay eager and pay the key and one copy of each output (the hand-over below).
+steps with no total) never capture: such runs stay eager and pay the key and one copy of each output
+(the hand-over below).
 
 Safety: dynamic inputs are copied into static buffers (one set per input shape, shared by every graph
 of the wrapper); each graph ends by copying its outputs into static output buffers (also shared, allocated
