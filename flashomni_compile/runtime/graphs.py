@@ -36,7 +36,7 @@ Outputs are handed over, not cloned. There are two sets of output buffers; a cal
 set its graph wrote, and a call whose input *is* one of those buffers (the next layer of a regional
 compilation, fed the last one's output) reads it in place, with no copy into a static input buffer, and
 writes the other set. So a chain of layers ping-pongs between the two sets, and a layer costs one copy
-(its outputs into the set) where staging, that copy and a clone cost three (Flux 1024^2: ~2 ms of copies
+(its outputs into the set) where staging, that copy and a clone cost three (Flux 1024^2: ~1.7 ms of copies
 a step). Before a graph writes a set, the runner checks that nothing outside it still holds those buffers
 (storage use counts, as torch's CUDA-graph trees check their outputs' liveness): a caller that keeps an
 output (or a view or ``detach()`` of it) until its set is written again (the call after next in a chain,
