@@ -83,8 +83,11 @@ def test_kv_select_keeps_text_and_diagonal(joint, text_first):
     scores = _scores(1, 2, nqb, nkb, g, spread=6.0).to(DEV)
     t = text if joint else 0
     tq, tk = text_block_range(n_q, t, text_first, bq), text_block_range(n_kv, t, text_first, bkv)
-    assert torch.equal(torch.arange(nqb).ge(tq[0]) & torch.arange(nqb).lt(tq[1]),
-                       text_blocks(n_q, t, text_first, bq))
+    text_tok = torch.zeros(nqb * bq, dtype=torch.bool)     # token by token, padded to whole blocks
+    if t:
+        text_tok[slice(0, t) if text_first else slice(n_q - t, n_q)] = True
+    assert torch.equal(torch.arange(nqb).ge(tq[0]) & torch.arange(nqb).lt(tq[1]), text_tok.view(nqb, bq).any(1))
+    assert torch.equal(text_blocks(n_q, t, text_first, bq), text_tok.view(nqb, bq).any(1))
     got = kv_select_triton(scores, 0.8, tq, tk, joint, bq, bkv, out=_poisoned_bool(scores.shape, DEV)).cpu()
     want = kv_select_ref(scores, 0.8, tq, tk, joint, bq, bkv).cpu()
     drop, amb = _exact_drop(scores.cpu(), 0.8)

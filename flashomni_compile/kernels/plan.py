@@ -47,7 +47,7 @@ from ..symbols import kv_need as kv_need_of
 from .launch import launch, next_power_of_2, num_sms
 
 __all__ = ["kv_select", "kv_select_ref", "kv_select_triton", "q_select", "q_select_ref", "q_select_triton", "store_plan", "store_plan_ref",
-           "store_plan_triton", "text_block_range"]
+           "store_plan_triton", "text_block_range", "layer_granularity"]
 
 # elements of the [rows, NKB] tile a program holds in registers: 16 a thread (more spills on sm_90:
 # tests/sm90_compile_check.py plan)
@@ -271,11 +271,15 @@ def q_select_ref(change: Tensor, scores: Optional[Tensor], k: int, threshold: Op
     cache = (rank < k).reshape(B, H, nqb) & ~text         # text stays computed even when k exceeds the rest
     if threshold is not None:
         cache &= change <= threshold
-    q_keep = ~cache
-    if layer_threshold > 0:
-        whole = q_keep.float().mean(dim=(1, 2)) < layer_threshold
-        q_keep = q_keep & ~whole[:, None, None]
-    return q_keep
+    return layer_granularity(~cache, layer_threshold)
+
+
+def layer_granularity(q_keep: Tensor, threshold: float) -> Tensor:
+    """``q_keep`` with every batch element whose kept fraction is below ``threshold`` cached whole."""
+    if threshold <= 0:
+        return q_keep
+    whole = q_keep.float().mean(dim=(1, 2)) < threshold                # [B], stays on the device
+    return q_keep & ~whole[:, None, None]
 
 
 def q_select_triton(change: Tensor, scores: Optional[Tensor], k: int, threshold: Optional[float],

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._capture import device_cache
-from ..kernels.plan import kv_select, q_select, text_block_range
+from ..kernels.plan import kv_select, layer_granularity, q_select, text_block_range
 from ..kernels.refresh import block_norm
 from ..symbols import SparseSymbols, num_blocks
 from .spec import SiteSpec
@@ -106,14 +106,11 @@ def pooled_scores(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], scal
 
 
 def text_blocks(n: int, text_len: int, text_first: bool, block: int, device=None) -> Tensor:
-    """Bool ``[NB]``: the blocks of a joint sequence of ``n`` tokens that hold at least one text token."""
-    nb = num_blocks(n, block)
-    start = torch.arange(nb, device=device) * block
-    end = (start + block).clamp(max=n)
-    if text_len <= 0:
-        return torch.zeros(nb, dtype=torch.bool, device=device)
-    lo, hi = (0, text_len) if text_first else (n - text_len, n)
-    return (start < hi) & (end > lo)
+    """Bool ``[NB]``: the blocks of a joint sequence of ``n`` tokens that hold at least one text token
+    (``kernels.plan.text_block_range`` as a mask)."""
+    lo, hi = text_block_range(n, text_len, text_first, block)
+    b = torch.arange(num_blocks(n, block), device=device)
+    return (b >= lo) & (b < hi)
 
 
 # Update steps ask for these per layer, several times per policy call (each ~7 small launches when
@@ -382,14 +379,6 @@ class QCachePolicy:
     def __call__(self, ctx: PolicyContext) -> SparseSymbols:
         kv_keep = torch.ones(ctx.scores.shape, dtype=torch.bool, device=ctx.device)
         return ctx.symbols(self.q_keep(ctx, self.fraction), kv_keep)
-
-
-def layer_granularity(q_keep: Tensor, threshold: float) -> Tensor:
-    """``q_keep`` with every batch element whose kept fraction is below ``threshold`` cached whole."""
-    if threshold <= 0:
-        return q_keep
-    whole = q_keep.float().mean(dim=(1, 2)) < threshold                # [B], stays on the device
-    return q_keep & ~whole[:, None, None]
 
 
 @dataclass(frozen=True)
